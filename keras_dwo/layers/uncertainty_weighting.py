@@ -1,0 +1,98 @@
+"""Homoscedastic uncertainty weighting as a layer of learnable log-variances."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class UncertaintyWeighting(keras.layers.Layer):
+    """Combines task losses with learnable log-variances (Kendall et al. 2018).
+
+    The layer holds one trainable log-variance `s_i = log(sigma_i^2)` per task
+    and maps a `(T,)` vector of task losses to the scalar
+
+        sum_i exp(-s_i) * L_i + s_i.
+
+    At the optimum `s_i = log(L_i)`, so a task whose loss is large (a noisy
+    task) is weighted down. With `regression` given, each task's term follows
+    the paper exactly: `0.5 * exp(-s_i) * L_i + 0.5 * s_i` for a regression
+    task (a Gaussian likelihood) and `exp(-s_i) * L_i + 0.5 * s_i` for a
+    classification task (a scaled softmax); the optimum is `s_i = log(L_i)` in
+    the first case and `log(2 L_i)` in the second.
+
+    The objective is negative once a loss falls below 1 (`s_i < 0`):
+    callbacks that watch `loss`, such as `EarlyStopping` and
+    `ReduceLROnPlateau`, should watch a task loss or a metric instead.
+
+    Args:
+        num_tasks: Number of tasks T; inferred from the input when omitted.
+        regression: Optional sequence of T booleans, True for a regression
+            task, to use the paper's per-likelihood factors.
+        initial_log_variance: Initial value of every `s_i`.
+        **kwargs: Passed to `keras.layers.Layer`.
+
+    Example:
+
+    ```python
+    weighting = keras_dwo.layers.UncertaintyWeighting()
+    total = weighting(keras.ops.stack([loss_a, loss_b]))
+    ```
+
+    References:
+        - Kendall, Gal and Cipolla, "Multi-Task Learning Using Uncertainty to
+          Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
+    """
+
+    def __init__(
+        self, num_tasks=None, regression=None, initial_log_variance=0.0, **kwargs
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_tasks = num_tasks
+        self.regression = None if regression is None else [bool(r) for r in regression]
+        self.initial_log_variance = float(initial_log_variance)
+        if num_tasks is not None:
+            self.build((num_tasks,))
+
+    def build(self, input_shape):
+        num_tasks = input_shape[-1]
+        if self.regression is not None and len(self.regression) != num_tasks:
+            raise ValueError(
+                f"`regression` has {len(self.regression)} entries for "
+                f"{num_tasks} tasks."
+            )
+        self.num_tasks = num_tasks
+        self.log_variances = self.add_weight(
+            shape=(num_tasks,),
+            initializer=keras.initializers.Constant(self.initial_log_variance),
+            name="log_variances",
+        )
+
+    def loss_factors(self):
+        """Returns the factors `(a, b)` of the terms `a exp(-s) L + b s`."""
+        if self.regression is None:
+            return 1.0, 1.0
+        regression = ops.convert_to_tensor(self.regression, dtype="float32")
+        return 1.0 - 0.5 * regression, 0.5
+
+    def precisions(self):
+        """Returns the effective weights `a_i exp(-s_i)` of the task losses."""
+        scale, _ = self.loss_factors()
+        return scale * ops.exp(-self.log_variances)
+
+    def call(self, losses):
+        _, log_variance_factor = self.loss_factors()
+        return ops.sum(
+            self.precisions() * losses + log_variance_factor * self.log_variances
+        )
+
+    def compute_output_shape(self, input_shape):
+        return ()
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_tasks": self.num_tasks,
+            "regression": self.regression,
+            "initial_log_variance": self.initial_log_variance,
+        }

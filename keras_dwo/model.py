@@ -1,0 +1,264 @@
+"""DynamicWeightedModel: a functional multi-task model with dynamic weighting."""
+
+import keras
+from keras import ops
+
+from keras_dwo import weighting as weighting_module
+from keras_dwo.task_tracker import TaskTracker
+from keras_dwo.trainers import Trainer
+
+
+def _output_task_names(outputs):
+    if isinstance(outputs, dict):
+        names = [str(name) for name in outputs]
+        leaves = list(outputs.values())
+    elif isinstance(outputs, (list, tuple)):
+        leaves = list(outputs)
+        names = [output._keras_history.operation.name for output in leaves]
+    else:
+        leaves, names = [outputs], []
+    if any(isinstance(leaf, (dict, list, tuple)) for leaf in leaves):
+        raise ValueError(
+            "Each task must be a single output tensor; received nested outputs."
+        )
+    if len(leaves) < 2:
+        raise ValueError(
+            "DynamicWeightedModel needs at least two tasks (outputs); received "
+            f"{len(leaves)}. Use a plain keras.Model for a single task."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"Task names must be unique; received {names}.")
+    return tuple(names)
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function as a `keras.losses.Loss`, so it takes `sample_weight`."""
+
+    def __init__(self, function):
+        super().__init__(name=getattr(function, "__name__", None))
+        self.function = function
+
+    def call(self, y_true, y_pred):
+        return self.function(y_true, y_pred)
+
+
+def _resolve_loss(identifier, task):
+    loss = keras.losses.get(identifier)
+    if loss is None:
+        raise ValueError(f"Task {task!r} has no loss; received {identifier!r}.")
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return _FunctionLoss(loss)
+    raise ValueError(f"Could not interpret the loss of task {task!r}: {loss!r}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class DynamicWeightedModel(Trainer, keras.Model):
+    """A multi-output functional model whose task losses are weighted while it trains.
+
+    Build it like a functional `keras.Model`; each output is a task. Compile
+    it with one loss per task and train it with `fit` as usual: at every step
+    the per-task losses are multiplied by `task_weights` and combined by the
+    `weighting` method. The logs carry `<task>_loss` (the unweighted loss),
+    `<task>_weight` (the derivative of the objective with respect to that task
+    loss in the last step) and `loss` (the objective that was minimised).
+
+    A step in which any task loss is NaN or infinite changes nothing: the
+    parameters, the optimizer state and the weighting state keep their values
+    (layers that update statistics in their forward pass, such as batch
+    normalization, still do), while the logs carry the non-finite loss so that
+    `keras.callbacks.TerminateOnNaN` can stop training.
+
+    Args:
+        inputs: The model's inputs, as for a functional `keras.Model`.
+        outputs: The tasks: a dict (its keys are the task names) or a list of
+            output tensors (task names are the output layers' names). At least
+            two.
+        weighting: The weighting method: a string identifier (see
+            `keras_dwo.weighting.IDENTIFIERS`), a serialized method dict, or a
+            `keras_dwo.weighting` instance not used by another model.
+        **kwargs: Passed to `keras.Model` (`name`, `trainable`).
+
+    Example:
+
+    ```python
+    inputs = keras.Input(shape=(6,))
+    h = keras.layers.Dense(64, activation="relu")(inputs)
+    species = keras.layers.Dense(3, activation="softmax", name="species")(h)
+    mass = keras.layers.Dense(1, name="mass")(h)
+    model = keras_dwo.DynamicWeightedModel(
+        inputs, {"species": species, "mass": mass}, weighting="uncertainty")
+    model.compile(
+        optimizer="adam",
+        loss={"species": "sparse_categorical_crossentropy", "mass": "mse"})
+    history = model.fit(x, {"species": y_cls, "mass": y_reg}, epochs=50)
+    history.history["mass_weight"]
+    ```
+    """
+
+    def __init__(self, inputs, outputs, weighting="equal", **kwargs):
+        task_names = _output_task_names(outputs)
+        super().__init__(inputs, outputs, **kwargs)
+        self.task_names = task_names
+        method = weighting_module.get(weighting)
+        if method.task_names is not None:
+            raise ValueError(
+                f"The weighting {method.name!r} already serves the tasks "
+                f"{method.task_names}; give each model its own instance."
+            )
+        method.build(task_names)
+        self.weighting = method
+        num_tasks = len(task_names)
+        self.task_weights = keras.Variable(
+            ops.ones((num_tasks,)), trainable=False, name="task_weights"
+        )
+        self.task_loss_history = keras.Variable(
+            ops.zeros((2, num_tasks)), trainable=False, name="task_loss_history"
+        )
+        self.task_tracker = TaskTracker(task_names)
+        self.loss_functions = None
+
+    @classmethod
+    def from_model(cls, model, weighting="equal"):
+        """Wraps a functional multi-output model, sharing its layers and weights.
+
+        Args:
+            model: A functional `keras.Model` with two or more outputs.
+            weighting: The weighting method, as for the constructor.
+
+        Returns:
+            A `DynamicWeightedModel` with the same inputs, outputs and name.
+        """
+        if not hasattr(model, "_outputs_struct"):
+            raise ValueError(
+                "`from_model` needs a functional keras.Model; received "
+                f"{type(model).__name__}."
+            )
+        return cls(
+            model._inputs_struct,
+            model._outputs_struct,
+            weighting=weighting,
+            name=model.name,
+        )
+
+    def _by_task(self, structure, what):
+        """Returns `structure` (a dict by task name or a sequence) in task order."""
+        if isinstance(structure, dict):
+            unknown = sorted(set(structure) - set(self.task_names))
+            missing = [name for name in self.task_names if name not in structure]
+            if unknown:
+                raise ValueError(
+                    f"{what} given for unknown task(s) {unknown}; the tasks "
+                    f"are {self.task_names}."
+                )
+            if missing:
+                raise ValueError(
+                    f"No {what} for task(s) {missing}; the tasks are {self.task_names}."
+                )
+            return [structure[name] for name in self.task_names]
+        if isinstance(structure, (list, tuple)) and len(structure) == len(
+            self.task_names
+        ):
+            return list(structure)
+        count = len(structure) if isinstance(structure, (list, tuple)) else 1
+        raise ValueError(
+            f"Expected one {what} per task {self.task_names}, as a dict keyed "
+            f"by task name or a list in task order; received {count}."
+        )
+
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, **kwargs):
+        """Configures the model for training; one loss per task.
+
+        Args:
+            optimizer: As for `keras.Model.compile`.
+            loss: One loss per task: a dict keyed by task name or a list in
+                task order, of loss identifiers, functions or
+                `keras.losses.Loss` instances.
+            loss_weights: Optional initial `task_weights`, as a dict keyed by
+                task name or a list in task order.
+            **kwargs: Passed to `keras.Model.compile` (`metrics`,
+                `weighted_metrics`, `jit_compile`, `steps_per_execution`...).
+        """
+        if loss is None:
+            raise ValueError(
+                f"`loss` is required: one loss per task {self.task_names}."
+            )
+        self.loss_functions = [
+            _resolve_loss(identifier, task)
+            for task, identifier in zip(self.task_names, self._by_task(loss, "loss"))
+        ]
+        if loss_weights is not None:
+            initial = [float(w) for w in self._by_task(loss_weights, "loss weight")]
+            self.task_weights.assign(initial)
+        super().compile(optimizer=optimizer, loss=None, **kwargs)
+        self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def compute_task_losses(self, y, y_pred, sample_weight=None):
+        """Returns the unweighted task losses as a float32 `(T,)` tensor."""
+        targets = self._by_task(y, "target")
+        predictions = self._by_task(y_pred, "output")
+        if sample_weight is None or not isinstance(sample_weight, (dict, list, tuple)):
+            sample_weights = [sample_weight] * len(self.task_names)
+        else:
+            sample_weights = self._by_task(sample_weight, "sample weight")
+        return ops.stack(
+            [
+                ops.cast(loss(target, prediction, weight), "float32")
+                for loss, target, prediction, weight in zip(
+                    self.loss_functions, targets, predictions, sample_weights
+                )
+            ]
+        )
+
+    def compute_objective(self, task_losses, training=False):
+        """Returns `(objective, weights)` for a vector of task losses.
+
+        The objective is the weighting method applied to
+        `task_weights * task_losses`, plus the regularization losses
+        (`model.losses`); `weights` is its derivative with respect to each
+        unweighted task loss.
+        """
+        task_weights = ops.convert_to_tensor(self.task_weights)
+        objective, method_weights = self.weighting(
+            task_weights * task_losses, training=training
+        )
+        for loss in self.losses:
+            objective = objective + ops.cast(ops.sum(loss), objective.dtype)
+        return objective, task_weights * method_weights
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        del x
+        task_losses = self.compute_task_losses(y, y_pred, sample_weight)
+        return self.compute_objective(task_losses, training=training)[0]
+
+    def record_step(self, objective, task_losses, weights, x):
+        """Updates the `loss`, `<task>_loss` and `<task>_weight` logs."""
+        batch_size = ops.shape(next(i for i in keras.tree.flatten(x) if i is not None))[
+            0
+        ]
+        self._loss_tracker.update_state(objective, sample_weight=batch_size)
+        self.task_tracker.update_state(task_losses, weights, batch_size)
+
+    def get_config(self):
+        # The graph config of a functional model with the same inputs, outputs
+        # and layers: Keras writes it only for models with its own signature.
+        graph = keras.Model(self._inputs_struct, self._outputs_struct, name=self.name)
+        config = {**graph.get_config(), "trainable": self.trainable}
+        config["weighting"] = keras.saving.serialize_keras_object(self.weighting)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        weighting = config.pop("weighting", "equal")
+        functional = keras.Model.from_config(config, custom_objects=custom_objects)
+        return cls.from_model(functional, weighting=weighting)

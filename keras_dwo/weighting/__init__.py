@@ -1,0 +1,73 @@
+"""Weighting methods and their identifiers.
+
+`get(identifier)` resolves a string, a config dict or an instance, like
+`keras.losses.get`.
+"""
+
+import keras
+
+from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.famo import FAMO
+from keras_dwo.weighting.gls import GLS
+from keras_dwo.weighting.imtl_l import IMTLL
+from keras_dwo.weighting.rlw import RLW
+from keras_dwo.weighting.scale_invariant import ScaleInvariant
+from keras_dwo.weighting.static import Static
+from keras_dwo.weighting.uncertainty import Uncertainty
+
+IDENTIFIERS = {
+    "equal": Static,
+    "static": Static,
+    "uncertainty": Uncertainty,
+    "rlw": RLW,
+    "gls": GLS,
+    "scale_invariant": ScaleInvariant,
+    "log": ScaleInvariant,
+    "imtl_l": IMTLL,
+    "famo": FAMO,
+}
+
+
+def get(identifier):
+    """Returns a new weighting method for an identifier.
+
+    Args:
+        identifier: A string from `IDENTIFIERS` (case-insensitive), a dict
+            `{"class_name": ..., "config": ...}` as `keras.saving` writes it,
+            or a `LossWeighting` instance (returned as is).
+
+    Returns:
+        A `LossWeighting` instance.
+    """
+    if isinstance(identifier, LossWeighting):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key not in IDENTIFIERS:
+            raise ValueError(
+                f"Unknown weighting {identifier!r}; known identifiers: "
+                f"{sorted(IDENTIFIERS)}."
+            )
+        return IDENTIFIERS[key]()
+    if isinstance(identifier, dict):
+        method = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(method, LossWeighting):
+            return method
+    raise ValueError(
+        "`weighting` must be a string identifier, a serialized weighting dict "
+        f"or a keras_dwo.weighting instance; received {identifier!r}."
+    )
+
+
+__all__ = [
+    "FAMO",
+    "GLS",
+    "IDENTIFIERS",
+    "IMTLL",
+    "LossWeighting",
+    "RLW",
+    "ScaleInvariant",
+    "Static",
+    "Uncertainty",
+    "get",
+]

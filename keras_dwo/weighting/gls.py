@@ -1,0 +1,30 @@
+"""Geometric loss strategy, GLS (Chennupati et al. 2019)."""
+
+import keras
+from keras import ops
+
+from keras_dwo.weighting.base import LossWeighting
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class GLS(LossWeighting):
+    """Geometric mean of the task losses: `(prod_i L_i)^(1/T)`.
+
+    Its gradient weighs task i by `G / (T L_i)`, where `G` is the geometric
+    mean, so the objective is invariant to rescaling any one loss. It is
+    computed as `exp(mean(log L_i))` for numerical range. Task losses must be
+    positive.
+
+    Args:
+        **kwargs: Passed to `LossWeighting`.
+
+    References:
+        - Chennupati, Sistu, Yogamani and Rawashdeh, "MultiNet++: Multi-Stream
+          Feature Aggregation and Geometric Loss Strategy for Multi-Task
+          Learning", CVPR Workshops 2019.
+    """
+
+    def call(self, losses, training=False):
+        objective = ops.exp(ops.mean(ops.log(losses)))
+        weights = ops.stop_gradient(objective / (self.num_tasks * losses))
+        return objective, weights

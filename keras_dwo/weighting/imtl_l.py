@@ -1,0 +1,36 @@
+"""IMTL-L, the loss-balancing half of impartial multi-task learning."""
+
+import keras
+from keras import ops
+
+from keras_dwo.weighting.base import LossWeighting
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class IMTLL(LossWeighting):
+    """Learned loss scales that make every scaled loss equal: IMTL-L.
+
+    Each task has a trainable scale `s_i` (initialised at 0) and the objective
+    is `sum_i exp(s_i) L_i - s_i`; its minimum in `s_i` is `exp(s_i) L_i = 1`,
+    so every scaled loss is driven to the same value. The logged weight is
+    `exp(s_i)`. The rule is uncertainty weighting with `s_i` in place of
+    `-log(sigma_i^2)`; it is kept under its own name because the paper pairs
+    it with IMTL-G.
+
+    Args:
+        **kwargs: Passed to `LossWeighting`.
+
+    References:
+        - Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang, "Towards Impartial
+          Multi-task Learning", ICLR 2021.
+    """
+
+    def build(self, task_names):
+        super().build(task_names)
+        self.loss_scales = self.add_weight(
+            shape=(len(task_names),), initializer="zeros", name="loss_scales"
+        )
+
+    def call(self, losses, training=False):
+        scales = ops.exp(self.loss_scales)
+        return ops.sum(scales * losses - self.loss_scales), scales
