@@ -63,6 +63,4 @@ class LossWeightScheduler(keras.callbacks.Callback):
             shown = ", ".join(
                 f"{name}={w:.4g}" for name, w in zip(model.task_names, weights)
             )
-            print(
-                f"\nEpoch {epoch + 1}: LossWeightScheduler setting task weights {shown}."
-            )
+            print(f"\nEpoch {epoch + 1}: LossWeightScheduler setting weights {shown}.")
