@@ -200,6 +200,34 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def _check_targets(self, y, sample_weight=None):
+        # Checked before Keras starts an epoch: the JAX trainer releases the
+        # variables' buffers for the epoch, and an error raised from inside
+        # the step would leave the model without them.
+        if y is not None:
+            self._by_task(y, "target")
+        if isinstance(sample_weight, (dict, list, tuple)):
+            self._by_task(sample_weight, "sample weight")
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        self._check_targets(y, kwargs.get("sample_weight"))
+        validation_data = kwargs.get("validation_data")
+        if isinstance(validation_data, (list, tuple)) and len(validation_data) > 1:
+            self._check_targets(*validation_data[1:3])
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_targets(y, kwargs.get("sample_weight"))
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, sample_weight=None, *args, **kwargs):
+        self._check_targets(y, sample_weight)
+        return super().train_on_batch(x, y, sample_weight, *args, **kwargs)
+
+    def test_on_batch(self, x, y=None, sample_weight=None, *args, **kwargs):
+        self._check_targets(y, sample_weight)
+        return super().test_on_batch(x, y, sample_weight, *args, **kwargs)
+
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
         targets = self._by_task(y, "target")
