@@ -1,6 +1,8 @@
 """keras-dwo: dynamic loss weighting for multi-task Keras 3 models."""
 
-from keras_dwo import callbacks, layers, weighting
+from keras_dwo import callbacks
+from keras_dwo import layers
+from keras_dwo import weighting
 from keras_dwo.model import DynamicWeightedModel
 
 __version__ = "0.1.0"

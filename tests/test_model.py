@@ -3,13 +3,14 @@
 import keras
 import numpy as np
 import pytest
+
+import keras_dwo
+
 from conftest import TWO_TASK_LOSSES
 from conftest import to_numpy
 from conftest import two_task_data
 from conftest import two_task_model
 from conftest import variable_values
-
-import keras_dwo
 
 
 def compiled(weighting="equal", **compile_kwargs):

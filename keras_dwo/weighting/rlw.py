@@ -3,7 +3,8 @@
 import keras
 from keras import ops
 
-from keras_dwo.weighting.base import LossWeighting, linear_objective
+from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.base import linear_objective
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
