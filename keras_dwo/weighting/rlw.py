@@ -41,5 +41,13 @@ class RLW(LossWeighting):
             weights = ops.full((self.num_tasks,), 1.0 / self.num_tasks, losses.dtype)
         return linear_objective(weights, losses)
 
+    # Keras does not save seed generators; the state is saved here so that a
+    # reloaded model continues the same sequence of weights.
+    def save_own_variables(self, store):
+        store["seed_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        self.seed_generator.state.assign(store["seed_state"])
+
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
