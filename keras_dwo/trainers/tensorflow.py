@@ -27,6 +27,26 @@ class TensorFlowTrainer(StatefulTrainer):
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
         return total + replicas * (task_losses - local), replicas
 
+    def _apply_if_finite(self, finite, gradients, variables):
+        # The optimizer synchronises replicas with `merge_call`, which a
+        # `tf.cond` in replica context cannot contain; the condition is taken
+        # in cross-replica context instead, as LossScaleOptimizer does.
+        # `finite` is the same on every replica: it is computed from the
+        # global task losses.
+        def cross_replica(distribution, finite, gradients):
+            def apply():
+                distribution.extended.call_for_each_replica(
+                    self.optimizer.apply, args=(gradients, variables)
+                )
+                return tf.constant(True)
+
+            finite = distribution.experimental_local_results(finite)[0]
+            tf.cond(finite, apply, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(finite, gradients)
+        )
+
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
@@ -43,13 +63,12 @@ class TensorFlowTrainer(StatefulTrainer):
         ]
         task_losses = tf.stop_gradient(task_losses)
         finite = tf.reduce_all(tf.math.is_finite(task_losses))
-
-        def apply():
-            self.optimizer.apply(gradients, variables)
-            if self.weighting.updates_after_step:
-                self.update_weighting_after_step(x, y, sample_weight, task_losses)
-            return tf.constant(True)
-
-        tf.cond(finite, apply, lambda: tf.constant(False))
+        self._apply_if_finite(finite, gradients, variables)
+        if self.weighting.updates_after_step:
+            state = self.weighting.non_trainable_variables
+            previous = [tf.identity(v.value) for v in state]
+            self.update_weighting_after_step(x, y, sample_weight, task_losses)
+            for variable, value in zip(state, previous):
+                variable.assign(tf.where(finite, variable.value, value))
         self.record_step(tf.stop_gradient(objective), task_losses, weights, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
