@@ -264,15 +264,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        """Returns the objective: the weighted task losses plus regularization."""
         del x
         task_losses = self.compute_task_losses(y, y_pred, sample_weight)
         return self.compute_objective(task_losses, training=training)[0]
 
     def record_step(self, objective, task_losses, weights, x):
         """Updates the `loss`, `<task>_loss` and `<task>_weight` logs."""
-        batch_size = ops.shape(next(i for i in keras.tree.flatten(x) if i is not None))[
-            0
-        ]
+        first_input = next(i for i in keras.tree.flatten(x) if i is not None)
+        batch_size = ops.shape(first_input)[0]
         self._loss_tracker.update_state(objective, sample_weight=batch_size)
         self.task_tracker.update_state(task_losses, weights, batch_size)
 
