@@ -254,7 +254,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
         unweighted task loss.
         """
         task_weights = ops.convert_to_tensor(self.task_weights)
-        objective, method_weights = self.weighting(
+        # The method was built with the model and takes float32 losses, so the
+        # bookkeeping of `Layer.__call__` is skipped on this per-step path.
+        objective, method_weights = self.weighting.call(
             task_weights * task_losses, training=training
         )
         for loss in self.losses:

@@ -80,11 +80,17 @@ class UncertaintyWeighting(keras.layers.Layer):
         scale, _ = self.loss_factors()
         return scale * ops.exp(-self.log_variances)
 
-    def call(self, losses):
+    def objective_and_precisions(self, losses):
+        """Returns the combined loss and the precisions it weighs losses by."""
         _, log_variance_factor = self.loss_factors()
-        return ops.sum(
-            self.precisions() * losses + log_variance_factor * self.log_variances
+        precisions = self.precisions()
+        objective = ops.sum(
+            precisions * losses + log_variance_factor * self.log_variances
         )
+        return objective, precisions
+
+    def call(self, losses):
+        return self.objective_and_precisions(losses)[0]
 
     def compute_output_shape(self, input_shape):
         return ()

@@ -66,7 +66,7 @@ class Uncertainty(LossWeighting):
         )
 
     def call(self, losses, training=False):
-        return self.uncertainty(losses), self.uncertainty.precisions()
+        return self.uncertainty.objective_and_precisions(losses)
 
     def get_config(self):
         return {
