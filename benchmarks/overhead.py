@@ -1,0 +1,277 @@
+"""Training-step overhead of DynamicWeightedModel against a plain keras.Model.
+
+For each Keras backend, the script builds the same multi-task MLP three times
+from the same initial weights: a plain functional `keras.Model` compiled with
+static `loss_weights` (the baseline), and `keras_dwo.DynamicWeightedModel`
+with `weighting="equal"` and with `weighting="uncertainty"`. The network has
+64 inputs, a shared trunk of two 256-unit ReLU layers and two heads: a
+10-class softmax trained with sparse categorical crossentropy and a 1-unit
+regression trained with mean squared error. Every variant trains with Adam on
+the same synthetic batch of 256 samples.
+
+Each step runs the train function that Keras itself builds
+(`model.make_train_function()`, after a warm-up that builds the model and
+compiles the function), called the way `fit` calls it, without the data
+pipeline and callbacks around it. One repetition times `--steps` consecutive
+steps of one variant (on JAX it waits for the results before it reads the
+clock); the repetitions of the three variants are interleaved, in a rotating
+order, so that machine noise hits them alike. The script reports each
+variant's median time per step over `--repeats` repetitions, and the ratio of
+each DynamicWeightedModel median to the plain model's.
+
+Keras picks its backend when it is imported, so every backend runs in a
+subprocess of this script with `KERAS_BACKEND` set. On the PyTorch backend
+the subprocess calls `torch.set_num_threads(1)`, which is several times
+faster on small CPU machines.
+
+Run it from the repository root:
+
+    python benchmarks/overhead.py
+    python benchmarks/overhead.py --backend jax --steps 50 --repeats 40
+    python benchmarks/overhead.py --json overhead.json
+
+Target: both ratios at most 1.05 on every backend, that is, dynamic
+weighting costs at most 5% more time per training step than static loss
+weights.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BACKENDS = ("tensorflow", "jax", "torch")
+VARIANTS = ("plain", "equal", "uncertainty")
+TARGET_RATIO = 1.05
+BATCH_SIZE = 256
+INPUT_DIM = 64
+HIDDEN_UNITS = 256
+NUM_CLASSES = 10
+SEED = 0
+
+
+def synthetic_batch(seed=SEED):
+    """One batch: inputs, a 10-class label and a regression target."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(BATCH_SIZE, INPUT_DIM)).astype("float32")
+    projection = rng.normal(size=(INPUT_DIM, NUM_CLASSES + 1)).astype("float32")
+    scores = x @ projection
+    label = np.argmax(scores[:, :NUM_CLASSES], axis=1).astype("int32")
+    value = scores[:, NUM_CLASSES:] + 0.1 * rng.normal(size=(BATCH_SIZE, 1))
+    return x, {"label": label, "value": value.astype("float32")}
+
+
+def build_model(variant, seed=SEED):
+    """The multi-task MLP as `variant`, compiled; same weights for every variant."""
+    import keras
+
+    import keras_dwo
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(INPUT_DIM,), name="features")
+    hidden = keras.layers.Dense(HIDDEN_UNITS, activation="relu", name="trunk_1")(inputs)
+    hidden = keras.layers.Dense(HIDDEN_UNITS, activation="relu", name="trunk_2")(hidden)
+    outputs = {
+        "label": keras.layers.Dense(NUM_CLASSES, activation="softmax", name="label")(
+            hidden
+        ),
+        "value": keras.layers.Dense(1, name="value")(hidden),
+    }
+    loss = {"label": "sparse_categorical_crossentropy", "value": "mse"}
+    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+    if variant == "plain":
+        model = keras.Model(inputs, outputs, name=variant)
+        model.compile(
+            optimizer=optimizer, loss=loss, loss_weights={"label": 1.0, "value": 1.0}
+        )
+    else:
+        model = keras_dwo.DynamicWeightedModel(
+            inputs, outputs, weighting=variant, name=variant
+        )
+        model.compile(optimizer=optimizer, loss=loss)
+    return model
+
+
+def step_runner(model, batch):
+    """Returns `run(steps)`: runs `steps` training steps and waits for them.
+
+    The model is warmed up first: `train_on_batch` builds its variables and
+    the optimizer's and compiles the train function, which `run` then calls
+    as `fit` does.
+    """
+    import keras
+
+    x, y = batch
+    model.train_on_batch(x, y)
+    model.make_train_function()
+    train_function = model.train_function
+    data = (x, y, None)
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # `fit` threads the state through the compiled step, which donates it.
+        state = (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.optimizer.variables],
+            [v.value for v in model.metrics_variables],
+        )
+
+        def run(steps):
+            nonlocal state
+            for _ in range(steps):
+                _, state = train_function(state, iter((data,)))
+            jax.block_until_ready(state)
+
+    else:
+
+        def run(steps):
+            for _ in range(steps):
+                logs = train_function((data,))
+            keras.ops.convert_to_numpy(logs["loss"])
+
+    return run
+
+
+def measure(steps, repeats):
+    """Median seconds per step of every variant on this process's backend."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    x, y = synthetic_batch()
+    batch = (
+        keras.ops.convert_to_tensor(x),
+        {name: keras.ops.convert_to_tensor(t) for name, t in y.items()},
+    )
+    runners = {v: step_runner(build_model(v), batch) for v in VARIANTS}
+    for run in runners.values():
+        run(steps)
+
+    times = {variant: [] for variant in VARIANTS}
+    gc.collect()
+    gc.disable()
+    try:
+        for repeat in range(repeats):
+            shift = repeat % len(VARIANTS)
+            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                start = time.perf_counter()
+                runners[variant](steps)
+                times[variant].append((time.perf_counter() - start) / steps)
+    finally:
+        gc.enable()
+
+    medians = {variant: statistics.median(times[variant]) for variant in VARIANTS}
+    return {
+        "backend": backend,
+        "keras": keras.__version__,
+        "ms_per_step": {v: 1e3 * medians[v] for v in VARIANTS},
+        "ratio": {v: medians[v] / medians["plain"] for v in VARIANTS[1:]},
+        "samples_ms": {v: [1e3 * t for t in times[v]] for v in VARIANTS},
+    }
+
+
+def run_backend(backend, steps, repeats):
+    """Measures one backend in a subprocess of this script."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, os.path.abspath(__file__), "--worker"]
+    command += ["--steps", str(steps), "--repeats", str(repeats)]
+    # The backends log to stderr while they load: show it only on failure.
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr)
+        raise SystemExit(
+            f"The {backend} benchmark failed (exit status {completed.returncode})."
+        )
+    # Keras or a backend may print to stdout too: the result is the last line.
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def table_row(result):
+    ms, ratio = result["ms_per_step"], result["ratio"]
+    return (
+        f"{result['backend']:<11} {ms['plain']:>8.3f} {ms['equal']:>8.3f} "
+        f"{ms['uncertainty']:>12.3f} {ratio['equal']:>12.3f} "
+        f"{ratio['uncertainty']:>18.3f}"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        action="append",
+        help="Keras backend to measure; repeat for several (default: all three).",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="Training steps per repetition (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=200,
+        help="Timed repetitions per variant (default: %(default)s).",
+    )
+    parser.add_argument("--json", metavar="PATH", help="Also write the results here.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be positive.")
+
+    if args.worker:
+        print(json.dumps(measure(args.steps, args.repeats)))
+        return
+
+    print(
+        f"Median ms per training step, batch {BATCH_SIZE}, {args.steps} steps x "
+        f"{args.repeats} interleaved repetitions per variant.",
+        flush=True,
+    )
+    print(
+        f"{'backend':<11} {'plain':>8} {'equal':>8} {'uncertainty':>12} "
+        f"{'equal/plain':>12} {'uncertainty/plain':>18}",
+        flush=True,
+    )
+    results = []
+    for backend in args.backend or BACKENDS:
+        result = run_backend(backend, args.steps, args.repeats)
+        print(table_row(result), flush=True)
+        results.append(result)
+
+    misses = [
+        f"{result['backend']} {variant} ({ratio:.3f})"
+        for result in results
+        for variant, ratio in result["ratio"].items()
+        if ratio > TARGET_RATIO
+    ]
+    verdict = "met" if not misses else "missed by " + ", ".join(misses)
+    print(f"target: ratio <= {TARGET_RATIO:.2f}: {verdict}")
+
+    if args.json:
+        report = {
+            "target_ratio": TARGET_RATIO,
+            "batch_size": BATCH_SIZE,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "results": {result["backend"]: result for result in results},
+        }
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
