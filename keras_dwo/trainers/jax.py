@@ -1,9 +1,22 @@
 """The JAX training step, stateless and compiled with `jax.jit`."""
 
+from typing import Any
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import keras
 from keras.utils import unpack_x_y_sample_weight
+
+
+class _Forward(NamedTuple):
+    """What a stateless forward pass returns besides the scaled objective."""
+
+    objective: Any
+    task_losses: Any
+    weights: Any
+    y_pred: Any
+    non_trainable_variables: Any
 
 
 def _select(condition, new_values, old_values):
@@ -55,12 +68,8 @@ class JAXTrainer:
         non_trainable_variables = [
             scope.get_current_value(v) for v in self.non_trainable_variables
         ]
-        return scaled_objective, (
-            objective,
-            task_losses,
-            weights,
-            y_pred,
-            non_trainable_variables,
+        return scaled_objective, _Forward(
+            objective, task_losses, weights, y_pred, non_trainable_variables
         )
 
     def _stateless_weighting_update(
@@ -81,13 +90,11 @@ class JAXTrainer:
             self.weighting.update(losses_before, losses_after)
         return [scope.get_current_value(v) for v in self.non_trainable_variables]
 
-    def _stateless_record(
-        self, metrics_variables, objective, task_losses, weights, x, y, y_pred, sw
-    ):
+    def _stateless_record(self, metrics_variables, forward, x, y, sample_weight):
         mapping = zip(self.metrics_variables, metrics_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            self.record_step(objective, task_losses, weights, x)
-            logs = self.compute_metrics(x, y, y_pred, sw)
+            self.record_step(forward.objective, forward.task_losses, forward.weights, x)
+            logs = self.compute_metrics(x, y, forward.y_pred, sample_weight)
         return logs, [scope.get_current_value(v) for v in self.metrics_variables]
 
     def train_step(self, state, data):
@@ -99,7 +106,7 @@ class JAXTrainer:
         ) = state
         x, y, sample_weight = unpack_x_y_sample_weight(data)
         gradient_fn = jax.value_and_grad(self._stateless_objective, has_aux=True)
-        (_, aux), gradients = gradient_fn(
+        (_, forward), gradients = gradient_fn(
             trainable_variables,
             non_trainable_variables,
             optimizer_variables,
@@ -108,24 +115,22 @@ class JAXTrainer:
             sample_weight,
             True,
         )
-        objective, task_losses, weights, y_pred, new_non_trainable = aux
+        new_non_trainable = forward.non_trainable_variables
         new_trainable, new_optimizer = self.optimizer.stateless_apply(
             optimizer_variables, gradients, trainable_variables
         )
         if self.weighting.updates_after_step:
             new_non_trainable = self._stateless_weighting_update(
-                new_trainable, new_non_trainable, x, y, sample_weight, task_losses
+                new_trainable,
+                new_non_trainable,
+                x,
+                y,
+                sample_weight,
+                forward.task_losses,
             )
-        finite = jnp.all(jnp.isfinite(task_losses))
+        finite = jnp.all(jnp.isfinite(forward.task_losses))
         logs, metrics_variables = self._stateless_record(
-            metrics_variables,
-            objective,
-            task_losses,
-            weights,
-            x,
-            y,
-            y_pred,
-            sample_weight,
+            metrics_variables, forward, x, y, sample_weight
         )
         state = (
             _select(finite, new_trainable, trainable_variables),
@@ -138,7 +143,7 @@ class JAXTrainer:
     def test_step(self, state, data):
         trainable_variables, non_trainable_variables, metrics_variables = state
         x, y, sample_weight = unpack_x_y_sample_weight(data)
-        _, aux = self._stateless_objective(
+        _, forward = self._stateless_objective(
             trainable_variables,
             non_trainable_variables,
             None,
@@ -147,15 +152,8 @@ class JAXTrainer:
             sample_weight,
             False,
         )
-        objective, task_losses, weights, y_pred, non_trainable_variables = aux
+        non_trainable_variables = forward.non_trainable_variables
         logs, metrics_variables = self._stateless_record(
-            metrics_variables,
-            objective,
-            task_losses,
-            weights,
-            x,
-            y,
-            y_pred,
-            sample_weight,
+            metrics_variables, forward, x, y, sample_weight
         )
         return logs, (trainable_variables, non_trainable_variables, metrics_variables)
