@@ -1,8 +1,12 @@
 """DynamicWeightedModel: a functional multi-task model with dynamic weighting."""
 
+import dataclasses
+import math
+
 import keras
 from keras import ops
 
+from keras_dwo import task_graph
 from keras_dwo import weighting as weighting_module
 from keras_dwo.task_tracker import TaskTracker
 from keras_dwo.trainers import Trainer
@@ -53,6 +57,26 @@ def _resolve_loss(identifier, task):
     raise ValueError(f"Could not interpret the loss of task {task!r}: {loss!r}.")
 
 
+@dataclasses.dataclass
+class GradientPlan:
+    """Where a gradient-level step takes its per-task gradients.
+
+    Attributes:
+        shared_indices: Positions in `model.trainable_variables` of the
+            shared variables.
+        other_indices: Positions of the other (task-specific) variables.
+        trunk: With `wrt="representation"`, a model from the inputs to the
+            shared representation, sharing the layers; else None.
+        heads: With `wrt="representation"`, a model from the shared
+            representation to the outputs (a list in task order); else None.
+    """
+
+    shared_indices: list
+    other_indices: list
+    trunk: keras.Model | None = None
+    heads: keras.Model | None = None
+
+
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class DynamicWeightedModel(Trainer, keras.Model):
     """A multi-output functional model whose task losses are weighted while it trains.
@@ -63,6 +87,17 @@ class DynamicWeightedModel(Trainer, keras.Model):
     `weighting` method. The logs carry `<task>_loss` (the unweighted loss),
     `<task>_weight` (the derivative of the objective with respect to that task
     loss in the last step) and `loss` (the objective that was minimised).
+
+    With a gradient-level method (MGDA, PCGrad, UPGrad...), every step takes
+    the gradient of each weighted task loss `task_weights[i] * L_i` with
+    respect to the shared variables (those of the layers that feed two or
+    more outputs, or the layers named in `shared`) and lets the method
+    combine these rows into the direction that the optimizer applies to
+    them. Each task's own variables get the gradient of its weighted loss
+    (times the method's coefficient for methods whose weights are loss
+    weights, such as GradNorm). There `<task>_weight` is the coefficient of
+    the task's loss gradient in the direction taken, and `loss` is the
+    weighted sum of the task losses plus regularization.
 
     A step in which any task loss is NaN or infinite changes nothing: the
     parameters, the optimizer state and the weighting state keep their values
@@ -78,6 +113,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
         weighting: The weighting method: a string identifier (see
             `keras_dwo.weighting.IDENTIFIERS`), a serialized method dict, or a
             `keras_dwo.weighting` instance not used by another model.
+        shared: Optional names of the layers whose variables the tasks share,
+            for gradient-level methods with `wrt="parameters"`; by default
+            the layers that feed two or more outputs.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -97,10 +135,18 @@ class DynamicWeightedModel(Trainer, keras.Model):
     ```
     """
 
-    def __init__(self, inputs, outputs, weighting="equal", **kwargs):
+    def __init__(self, inputs, outputs, weighting="equal", shared=None, **kwargs):
         task_names = _output_task_names(outputs)
         super().__init__(inputs, outputs, **kwargs)
         self.task_names = task_names
+        if shared is not None:
+            shared = [
+                layer.name if isinstance(layer, keras.layers.Layer) else str(layer)
+                for layer in shared
+            ]
+            task_graph.shared_layers(self, [], shared)
+        self.shared = shared
+        self._gradient_plan = None
         method = weighting_module.get(weighting)
         if method.task_names is not None:
             raise ValueError(
@@ -120,12 +166,13 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self.loss_functions = None
 
     @classmethod
-    def from_model(cls, model, weighting="equal"):
+    def from_model(cls, model, weighting="equal", shared=None):
         """Wraps a functional multi-output model, sharing its layers and weights.
 
         Args:
             model: A functional `keras.Model` with two or more outputs.
             weighting: The weighting method, as for the constructor.
+            shared: Optional shared layer names, as for the constructor.
 
         Returns:
             A `DynamicWeightedModel` with the same inputs, outputs and name.
@@ -139,6 +186,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             model._inputs_struct,
             model._outputs_struct,
             weighting=weighting,
+            shared=shared,
             name=model.name,
         )
 
@@ -191,6 +239,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if loss_weights is not None:
             initial = [float(w) for w in self._by_task(loss_weights, "loss weight")]
             self.task_weights.assign(initial)
+        self._gradient_plan = None
         super().compile(optimizer=optimizer, loss=None, **kwargs)
         self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
 
@@ -259,9 +308,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
         objective, method_weights = self.weighting.call(
             task_weights * task_losses, training=training
         )
-        for loss in self.losses:
-            objective = objective + ops.cast(ops.sum(loss), objective.dtype)
+        regularization = self.regularization_loss()
+        if regularization is not None:
+            objective = objective + regularization
         return objective, task_weights * method_weights
+
+    def regularization_loss(self):
+        """Returns the float32 sum of `model.losses`, or None if there are none."""
+        losses = [ops.cast(ops.sum(loss), "float32") for loss in self.losses]
+        return sum(losses[1:], losses[0]) if losses else None
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -270,6 +325,88 @@ class DynamicWeightedModel(Trainer, keras.Model):
         del x
         task_losses = self.compute_task_losses(y, y_pred, sample_weight)
         return self.compute_objective(task_losses, training=training)[0]
+
+    def gradient_plan(self):
+        """Returns the `GradientPlan` of a gradient-level method.
+
+        Found from the graph when first needed after `compile`, so a model
+        recompiled after layers were frozen or unfrozen plans anew.
+        """
+        if self._gradient_plan is not None:
+            return self._gradient_plan
+        outputs = self._by_task(self._outputs_struct, "output")
+        trunk = heads = None
+        if self.weighting.wrt == "representation":
+            representation = task_graph.shared_representation(outputs)
+            trunk = keras.Model(self._inputs_struct, representation)
+            heads = keras.Model(representation, outputs)
+            shared_layers = [trunk]
+        else:
+            shared_layers = task_graph.shared_layers(self, outputs, self.shared)
+        shared_ids = {
+            id(variable) for layer in shared_layers for variable in layer.weights
+        }
+        shared_indices, other_indices = [], []
+        for index, variable in enumerate(self.trainable_variables):
+            is_shared = id(variable) in shared_ids
+            (shared_indices if is_shared else other_indices).append(index)
+        if not shared_indices:
+            raise ValueError(
+                f"The weighting {self.weighting.name!r} combines the gradients "
+                "of shared variables, but the tasks share no trainable "
+                "variable: no trainable layer feeds two or more outputs. Name "
+                "the shared layers with `shared=`, or use a loss-level method."
+            )
+        self._gradient_plan = GradientPlan(shared_indices, other_indices, trunk, heads)
+        return self._gradient_plan
+
+    def outputs_like_model(self, task_outputs):
+        """Returns a list of task outputs in the structure of the model's outputs."""
+        if isinstance(self._outputs_struct, dict):
+            return dict(zip(self.task_names, task_outputs))
+        return list(task_outputs)
+
+    def combine_task_gradients(self, task_gradients, task_losses, loss_scale):
+        """Combines per-task gradients with the gradient-level method.
+
+        Args:
+            task_gradients: One `(T, ...)` tensor per shared variable (or
+                representation tensor): the gradients of the T scaled,
+                weighted task losses with respect to it.
+            task_losses: The `(T,)` unweighted task losses.
+            loss_scale: The factor by which the optimizer scaled the losses
+                (1 without mixed precision); the method sees unscaled rows.
+
+        Returns:
+            `(gradients, weights, head_weights)`: one combined gradient per
+            entry of `task_gradients`, scaled like them; the logged weights
+            (each task's coefficient times its task weight); and the factors
+            of the task-specific gradients.
+        """
+        num_tasks = len(self.task_names)
+        rows = [
+            ops.reshape(ops.cast(g, "float32"), (num_tasks, -1)) for g in task_gradients
+        ]
+        jacobian = ops.concatenate(rows, axis=1) / loss_scale
+        direction, coefficients = self.weighting.aggregate(
+            jacobian, task_losses, training=True
+        )
+        direction = direction * loss_scale
+        gradients, start = [], 0
+        for gradient in task_gradients:
+            shape = ops.shape(gradient)[1:]
+            size = math.prod(shape)
+            piece = ops.reshape(direction[start : start + size], shape)
+            gradients.append(ops.cast(piece, gradient.dtype))
+            start = start + size
+        coefficients = ops.stop_gradient(coefficients)
+        weights = ops.convert_to_tensor(self.task_weights) * coefficients
+        head_weights = (
+            coefficients
+            if self.weighting.weights_heads
+            else ops.ones_like(coefficients)
+        )
+        return gradients, weights, head_weights
 
     def record_step(self, objective, task_losses, weights, x):
         """Updates the `loss`, `<task>_loss` and `<task>_weight` logs."""
@@ -284,11 +421,13 @@ class DynamicWeightedModel(Trainer, keras.Model):
         graph = keras.Model(self._inputs_struct, self._outputs_struct, name=self.name)
         config = {**graph.get_config(), "trainable": self.trainable}
         config["weighting"] = keras.saving.serialize_keras_object(self.weighting)
+        config["shared"] = None if self.shared is None else list(self.shared)
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         weighting = config.pop("weighting", "equal")
+        shared = config.pop("shared", None)
         functional = keras.Model.from_config(config, custom_objects=custom_objects)
-        return cls.from_model(functional, weighting=weighting)
+        return cls.from_model(functional, weighting=weighting, shared=shared)

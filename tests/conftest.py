@@ -56,3 +56,20 @@ def to_numpy(value):
 
 def variable_values(variables):
     return [to_numpy(v).copy() for v in variables]
+
+
+def summed_gradients_method(**kwargs):
+    """A gradient-level method whose direction is the sum of the task gradients.
+
+    Training with it must match loss-level equal weighting exactly, which
+    checks the per-task gradient machinery independently of any rule.
+    """
+    from keras_dwo.weighting.base import GradientWeighting
+
+    class SummedGradients(GradientWeighting):
+        allows_representation = True
+
+        def aggregate(self, jacobian, losses, training=True):
+            return keras.ops.sum(jacobian, axis=0), keras.ops.ones_like(losses)
+
+    return SummedGradients(**kwargs)

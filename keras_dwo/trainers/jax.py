@@ -19,6 +19,10 @@ class _Forward(NamedTuple):
     non_trainable_variables: Any
 
 
+def _weighted_sum(weights, stacked):
+    return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
+
+
 def _select(condition, new_values, old_values):
     return [jnp.where(condition, new, old) for new, old in zip(new_values, old_values)]
 
@@ -72,6 +76,142 @@ class JAXTrainer:
             objective, task_losses, weights, y_pred, non_trainable_variables
         )
 
+    def _state_mapping(self, trainable, non_trainable, optimizer_variables):
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += zip(self.non_trainable_variables, non_trainable)
+        mapping += zip(self.optimizer.variables, optimizer_variables)
+        return mapping
+
+    def _stateless_scaled_losses(
+        self,
+        trainable,
+        non_trainable,
+        optimizer_variables,
+        data,
+        representation=None,
+    ):
+        """The scaled weighted task losses and regularization of a forward pass.
+
+        With `representation`, only the task heads run, on that
+        representation. Returns `((scaled_losses, scaled_regularization),
+        (forward, has_regularization))`.
+        """
+        x, y, sample_weight = data
+        mapping = self._state_mapping(trainable, non_trainable, optimizer_variables)
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            if representation is None:
+                y_pred = self(x, training=True)
+            else:
+                heads = self.gradient_plan().heads
+                y_pred = self.outputs_like_model(heads(representation, training=True))
+            task_losses = self.compute_task_losses(y, y_pred, sample_weight)
+            task_weights = jnp.asarray(self.task_weights.value)
+            scaled_losses = self.optimizer.scale_loss(task_weights * task_losses)
+            regularization = self.regularization_loss()
+            has_regularization = regularization is not None
+            if has_regularization:
+                scaled_regularization = self.optimizer.scale_loss(regularization)
+            else:
+                scaled_regularization = jnp.zeros((), "float32")
+        non_trainable = [
+            scope.get_current_value(v) for v in self.non_trainable_variables
+        ]
+        forward = _Forward(None, task_losses, None, y_pred, non_trainable)
+        return (scaled_losses, scaled_regularization), (forward, has_regularization)
+
+    def _stateless_representation(
+        self, trainable, non_trainable, optimizer_variables, x
+    ):
+        """The shared representation, and the regularization losses it adds."""
+        mapping = self._state_mapping(trainable, non_trainable, optimizer_variables)
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            representation = keras.tree.flatten(
+                self.gradient_plan().trunk(x, training=True)
+            )
+            losses = [jnp.sum(loss).astype("float32") for loss in scope.losses]
+            scaled_regularization = self.optimizer.scale_loss(
+                sum(losses, jnp.zeros((), "float32"))
+            )
+        non_trainable = [
+            scope.get_current_value(v) for v in self.non_trainable_variables
+        ]
+        return (representation, scaled_regularization), non_trainable
+
+    def _combined_gradients(self, trainable, non_trainable, optimizer_variables, data):
+        """Per-task gradients of the shared variables, combined by the method.
+
+        The task losses are pulled back once per task, vectorised with
+        `jax.vmap`, from one linearisation of the forward pass.
+        """
+        plan = self.gradient_plan()
+        num_tasks = len(self.task_names)
+        task_cotangents = (jnp.eye(num_tasks), jnp.zeros((num_tasks,)))
+        regularization_cotangent = (jnp.zeros((num_tasks,)), jnp.ones(()))
+        if plan.trunk is None:
+            _, pullback, (forward, has_regularization) = jax.vjp(
+                lambda t: self._stateless_scaled_losses(
+                    t, non_trainable, optimizer_variables, data
+                ),
+                trainable,
+                has_aux=True,
+            )
+            (per_task,) = jax.vmap(pullback)(task_cotangents)
+            task_gradients = [per_task[i] for i in plan.shared_indices]
+        else:
+            (representation, _), trunk_pullback, trunk_non_trainable = jax.vjp(
+                lambda t: self._stateless_representation(
+                    t, non_trainable, optimizer_variables, data[0]
+                ),
+                trainable,
+                has_aux=True,
+            )
+            _, heads_pullback, (forward, has_regularization) = jax.vjp(
+                lambda t, r: self._stateless_scaled_losses(
+                    t, trunk_non_trainable, optimizer_variables, data, r
+                ),
+                trainable,
+                representation,
+                has_aux=True,
+            )
+            per_task, task_gradients = jax.vmap(heads_pullback)(task_cotangents)
+        mapping = self._state_mapping(
+            trainable, forward.non_trainable_variables, optimizer_variables
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            objective, _ = self.compute_objective(forward.task_losses)
+            loss_scale = self.optimizer.scale_loss(jnp.ones(()))
+            combined, weights, head_weights = self.combine_task_gradients(
+                task_gradients, forward.task_losses, loss_scale
+            )
+        new_non_trainable = [
+            scope.get_current_value(v) for v in self.non_trainable_variables
+        ]
+        gradients = [_weighted_sum(head_weights, g) for g in per_task]
+        if plan.trunk is None:
+            for index, gradient in zip(plan.shared_indices, combined):
+                gradients[index] = gradient
+            if has_regularization:
+                (regularization,) = pullback(regularization_cotangent)
+                gradients = [g + r for g, r in zip(gradients, regularization)]
+        else:
+            trunk_cotangent = combined
+            if has_regularization:
+                regularization, representation_regularization = heads_pullback(
+                    regularization_cotangent
+                )
+                gradients = [g + r for g, r in zip(gradients, regularization)]
+                trunk_cotangent = [
+                    c + r for c, r in zip(combined, representation_regularization)
+                ]
+            (trunk_gradients,) = trunk_pullback((trunk_cotangent, jnp.ones(())))
+            gradients = [g + t for g, t in zip(gradients, trunk_gradients)]
+        forward = forward._replace(
+            objective=objective,
+            weights=weights,
+            non_trainable_variables=new_non_trainable,
+        )
+        return gradients, forward
+
     def _stateless_weighting_update(
         self,
         trainable_variables,
@@ -105,16 +245,24 @@ class JAXTrainer:
             metrics_variables,
         ) = state
         x, y, sample_weight = unpack_x_y_sample_weight(data)
-        gradient_fn = jax.value_and_grad(self._stateless_objective, has_aux=True)
-        (_, forward), gradients = gradient_fn(
-            trainable_variables,
-            non_trainable_variables,
-            optimizer_variables,
-            x,
-            y,
-            sample_weight,
-            True,
-        )
+        if self.weighting.needs_task_gradients:
+            gradients, forward = self._combined_gradients(
+                trainable_variables,
+                non_trainable_variables,
+                optimizer_variables,
+                (x, y, sample_weight),
+            )
+        else:
+            gradient_fn = jax.value_and_grad(self._stateless_objective, has_aux=True)
+            (_, forward), gradients = gradient_fn(
+                trainable_variables,
+                non_trainable_variables,
+                optimizer_variables,
+                x,
+                y,
+                sample_weight,
+                True,
+            )
         new_non_trainable = forward.non_trainable_variables
         new_trainable, new_optimizer = self.optimizer.stateless_apply(
             optimizer_variables, gradients, trainable_variables

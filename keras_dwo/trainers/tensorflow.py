@@ -6,6 +6,11 @@ from keras.utils import unpack_x_y_sample_weight
 from keras_dwo.trainers.stateful import StatefulTrainer
 
 
+def _zeros_for_none(gradients, sources):
+    # `unconnected_gradients=ZERO` fails on Keras variables.
+    return [tf.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
+
+
 class TensorFlowTrainer(StatefulTrainer):
     """`train_step` for the TensorFlow backend, under `tf.function` and XLA.
 
@@ -14,13 +19,19 @@ class TensorFlowTrainer(StatefulTrainer):
     every replica computes the weighting on the global task losses, as one
     device would, while the gradient still flows through the replica's own
     losses; it then divides the objective by R, because the strategy sums the
-    replicas' gradients. The learned weighting state and the optimizer update
-    therefore match one device's for every method, linear or not.
+    replicas' gradients. Gradient-level methods are not linear in the
+    gradients, so their per-task gradients are summed over the replicas
+    before they are combined. The learned weighting state and the optimizer
+    update therefore match one device's for every method.
     """
 
-    def global_task_losses(self, task_losses):
+    def _replica_context(self):
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
+        return context, replicas
+
+    def global_task_losses(self, task_losses):
+        context, replicas = self._replica_context()
         if replicas == 1:
             return task_losses, 1
         local = tf.stop_gradient(task_losses)
@@ -47,8 +58,8 @@ class TensorFlowTrainer(StatefulTrainer):
             cross_replica, args=(finite, gradients)
         )
 
-    def train_step(self, data):
-        x, y, sample_weight = unpack_x_y_sample_weight(data)
+    def _objective_gradients(self, x, y, sample_weight):
+        """One backward pass through the objective of a loss-level method."""
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             task_losses, replicas = self.global_task_losses(
@@ -57,18 +68,107 @@ class TensorFlowTrainer(StatefulTrainer):
             objective, weights = self.compute_objective(task_losses, training=True)
             scaled_objective = self.optimizer.scale_loss(objective / replicas)
         variables = self.trainable_variables
-        gradients = tape.gradient(scaled_objective, variables)
-        gradients = [
-            tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)
+        gradients = _zeros_for_none(
+            tape.gradient(scaled_objective, variables), variables
+        )
+        return y_pred, task_losses, objective, weights, gradients
+
+    def _combined_gradients(self, x, y, sample_weight):
+        """Per-task gradients of the shared variables, combined by the method."""
+        plan = self.gradient_plan()
+        context, replicas = self._replica_context()
+        if plan.trunk is not None and replicas > 1:
+            raise NotImplementedError(
+                "wrt='representation' is not supported under a tf.distribute "
+                "strategy: the replicas' representations hold different "
+                "samples. Use wrt='parameters'."
+            )
+        variables = self.trainable_variables
+        shared = [variables[i] for i in plan.shared_indices]
+        others = [variables[i] for i in plan.other_indices]
+        with tf.GradientTape(persistent=True) as tape:
+            if plan.trunk is None:
+                y_pred = self(x, training=True)
+            else:
+                representation = tf.nest.flatten(plan.trunk(x, training=True))
+                y_pred = self.outputs_like_model(
+                    plan.heads(representation, training=True)
+                )
+            task_losses, replicas = self.global_task_losses(
+                self.compute_task_losses(y, y_pred, sample_weight)
+            )
+            scaled_losses = self.optimizer.scale_loss(
+                self.task_weights * task_losses / replicas
+            )
+            # Sliced under the tape, so that each slice has a recorded path.
+            per_task_losses = tf.unstack(scaled_losses)
+            regularization = self.regularization_loss()
+            if regularization is not None:
+                regularization = self.optimizer.scale_loss(regularization / replicas)
+        sources = shared if plan.trunk is None else representation
+        rows = [
+            _zeros_for_none(tape.gradient(task_loss, sources), sources)
+            for task_loss in per_task_losses
         ]
+        task_gradients = [tf.stack(per_task) for per_task in zip(*rows)]
+        if replicas > 1:
+            task_gradients = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, task_gradients
+            )
+        task_losses = tf.stop_gradient(task_losses)
+        objective, _ = self.compute_objective(task_losses)
+        loss_scale = self.optimizer.scale_loss(tf.constant(1.0))
+        combined, weights, head_weights = self.combine_task_gradients(
+            task_gradients, task_losses, loss_scale
+        )
+        if plan.trunk is None:
+            # The strategy sums the replicas' gradients of the shared
+            # variables; each replica holds the global direction.
+            shared_gradients = [g / replicas for g in combined]
+        else:
+            shared_gradients = _zeros_for_none(
+                tape.gradient(representation, shared, output_gradients=combined),
+                shared,
+            )
+        other_gradients = _zeros_for_none(
+            tape.gradient(scaled_losses, others, output_gradients=head_weights),
+            others,
+        )
+        gradients = [None] * len(variables)
+        for index, gradient in zip(plan.shared_indices, shared_gradients):
+            gradients[index] = gradient
+        for index, gradient in zip(plan.other_indices, other_gradients):
+            gradients[index] = gradient
+        if regularization is not None:
+            gradients = [
+                g + r
+                for g, r in zip(
+                    gradients,
+                    _zeros_for_none(
+                        tape.gradient(regularization, variables), variables
+                    ),
+                )
+            ]
+        del tape
+        return y_pred, task_losses, objective, weights, gradients
+
+    def train_step(self, data):
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        # Methods may update their state during the step; a step with a
+        # non-finite task loss restores it.
+        state = self.weighting.non_trainable_variables
+        previous = [tf.identity(v.value) for v in state]
+        if self.weighting.needs_task_gradients:
+            step = self._combined_gradients(x, y, sample_weight)
+        else:
+            step = self._objective_gradients(x, y, sample_weight)
+        y_pred, task_losses, objective, weights, gradients = step
         task_losses = tf.stop_gradient(task_losses)
         finite = tf.reduce_all(tf.math.is_finite(task_losses))
-        self._apply_if_finite(finite, gradients, variables)
+        self._apply_if_finite(finite, gradients, self.trainable_variables)
         if self.weighting.updates_after_step:
-            state = self.weighting.non_trainable_variables
-            previous = [tf.identity(v.value) for v in state]
             self.update_weighting_after_step(x, y, sample_weight, task_losses)
-            for variable, value in zip(state, previous):
-                variable.assign(tf.where(finite, variable.value, value))
+        for variable, value in zip(state, previous):
+            variable.assign(tf.where(finite, variable.value, value))
         self.record_step(tf.stop_gradient(objective), task_losses, weights, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -1,27 +1,90 @@
 """The PyTorch training step."""
 
+import keras
 import torch
 from keras.utils import unpack_x_y_sample_weight
 
 from keras_dwo.trainers.stateful import StatefulTrainer
 
 
+def _gradients(target, sources, **kwargs):
+    gradients = torch.autograd.grad(
+        target, sources, retain_graph=True, allow_unused=True, **kwargs
+    )
+    return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
+
+
 class TorchTrainer(StatefulTrainer):
-    """`train_step` for the PyTorch backend (eager, one backward pass)."""
+    """`train_step` for the PyTorch backend (eager).
+
+    A loss-level method takes one backward pass. A gradient-level method
+    takes one `torch.autograd.grad` per task through the shared part of the
+    graph, then one through the task-specific part; a step with a non-finite
+    task loss returns before any of them.
+    """
+
+    def _objective_gradients(self, y_pred, task_losses):
+        objective, weights = self.compute_objective(task_losses, training=True)
+        variables = [v.value for v in self.trainable_variables]
+        gradients = _gradients(self.optimizer.scale_loss(objective), variables)
+        return objective, weights, gradients
+
+    def _combined_gradients(self, task_losses, representation):
+        plan = self.gradient_plan()
+        variables = [v.value for v in self.trainable_variables]
+        shared = [variables[i] for i in plan.shared_indices]
+        others = [variables[i] for i in plan.other_indices]
+        scaled_losses = self.optimizer.scale_loss(self.task_weights.value * task_losses)
+        sources = shared if representation is None else representation
+        rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
+        task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
+        loss_scale = self.optimizer.scale_loss(torch.ones(()))
+        objective, _ = self.compute_objective(task_losses.detach())
+        combined, weights, head_weights = self.combine_task_gradients(
+            task_gradients, task_losses.detach(), loss_scale
+        )
+        if representation is not None:
+            combined = _gradients(representation, shared, grad_outputs=combined)
+        gradients = [None] * len(variables)
+        for index, gradient in zip(plan.shared_indices, combined):
+            gradients[index] = gradient
+        other_gradients = _gradients(scaled_losses, others, grad_outputs=head_weights)
+        for index, gradient in zip(plan.other_indices, other_gradients):
+            gradients[index] = gradient
+        regularization = self.regularization_loss()
+        if regularization is not None:
+            scaled = self.optimizer.scale_loss(regularization)
+            gradients = [
+                g + r for g, r in zip(gradients, _gradients(scaled, variables))
+            ]
+        return objective, weights, gradients
 
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
-        y_pred = self(x, training=True)
-        self.zero_grad()
+        representation = None
+        if self.weighting.needs_task_gradients and self.gradient_plan().trunk:
+            plan = self.gradient_plan()
+            representation = keras.tree.flatten(plan.trunk(x, training=True))
+            y_pred = self.outputs_like_model(plan.heads(representation, training=True))
+        else:
+            y_pred = self(x, training=True)
         task_losses = self.compute_task_losses(y, y_pred, sample_weight)
-        objective, weights = self.compute_objective(task_losses, training=True)
-        task_losses = task_losses.detach()
-        if bool(torch.isfinite(task_losses).all()):
-            self.optimizer.scale_loss(objective).backward()
+        detached = task_losses.detach()
+        if not bool(torch.isfinite(detached).all()):
+            objective, weights = self.compute_objective(detached)
+        else:
+            if self.weighting.needs_task_gradients:
+                objective, weights, gradients = self._combined_gradients(
+                    task_losses, representation
+                )
+            else:
+                objective, weights, gradients = self._objective_gradients(
+                    y_pred, task_losses
+                )
             variables = self.trainable_variables
             with torch.no_grad():
-                self.optimizer.apply([v.value.grad for v in variables], variables)
+                self.optimizer.apply(gradients, variables)
                 if self.weighting.updates_after_step:
-                    self.update_weighting_after_step(x, y, sample_weight, task_losses)
-        self.record_step(objective.detach(), task_losses, weights, x)
+                    self.update_weighting_after_step(x, y, sample_weight, detached)
+        self.record_step(objective.detach(), detached, weights, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -1,4 +1,4 @@
-"""The interface of loss-level weighting methods."""
+"""The two interfaces of weighting methods: loss-level and gradient-level."""
 
 import keras
 from keras import ops
@@ -25,6 +25,7 @@ class LossWeighting(keras.layers.Layer):
             round the weights.
     """
 
+    needs_task_gradients = False
     updates_after_step = False
 
     def __init__(self, **kwargs):
@@ -63,3 +64,89 @@ def linear_objective(weights, losses):
     """Objective `sum_i w_i L_i` for weights that receive no gradient."""
     weights = ops.stop_gradient(weights)
     return ops.sum(weights * losses), weights
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class GradientWeighting(LossWeighting):
+    """Base class of gradient-level methods: per-task gradients in, one direction out.
+
+    The model computes the Jacobian of the weighted task losses
+    (`task_weights * L`) with respect to the shared variables, one row per
+    task, and hands it to `aggregate`, which returns the direction that the
+    optimizer applies to the shared variables as their gradient. Each task's
+    own (head) variables get the gradient of that task's weighted loss,
+    multiplied by the task's coefficient when `weights_heads` is true (methods
+    whose weights are loss weights, such as GradNorm).
+
+    Subclasses implement `aggregate(jacobian, losses, training)`. Methods
+    whose rule holds for the gradients of a shared representation (the
+    tensor the heads read, far cheaper than the parameters) set
+    `allows_representation = True`; the user then chooses with `wrt`.
+
+    Evaluation has no gradients: there the objective and the logged weights
+    come from `call`, the current loss weights (1 unless the method learns
+    them).
+
+    Args:
+        wrt: `"parameters"` (default): gradients with respect to the shared
+            variables. `"representation"`: gradients with respect to the
+            shared representation, for the methods that allow it; the
+            direction found there is pulled back through the shared layers.
+        **kwargs: Passed to `LossWeighting`.
+    """
+
+    needs_task_gradients = True
+    weights_heads = False
+    allows_representation = False
+
+    def __init__(self, wrt="parameters", **kwargs):
+        super().__init__(**kwargs)
+        if wrt not in ("parameters", "representation"):
+            raise ValueError(
+                f"`wrt` must be 'parameters' or 'representation'; received {wrt!r}."
+            )
+        if wrt == "representation" and not self.allows_representation:
+            raise ValueError(
+                f"{type(self).__name__} needs the gradients of the shared "
+                "parameters; it does not allow wrt='representation'."
+            )
+        self.wrt = wrt
+
+    def call(self, losses, training=False):
+        return ops.sum(losses), ops.ones_like(losses)
+
+    def aggregate(self, jacobian, losses, training=True):
+        """Returns `(direction, weights)` for a `(T, P)` Jacobian.
+
+        Args:
+            jacobian: Float32 `(T, P)` tensor; row i is the gradient of task
+                i's weighted loss with respect to the shared variables (or
+                representation), flattened.
+            losses: Float32 `(T,)` tensor of the unweighted task losses.
+            training: Whether the method may update its state.
+
+        Returns:
+            The `(P,)` direction and the `(T,)` coefficients of the task
+            gradients in it (`direction = weights @ jacobian` where the
+            direction is such a combination; see the method's docstring
+            otherwise).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `aggregate(jacobian, losses, "
+            "training)`."
+        )
+
+    def combine(self, jacobian, losses):
+        """Returns the direction for a `(T, P)` Jacobian and `(T,)` losses.
+
+        Usable without a model: an unbuilt method is built for `T` tasks
+        named `task_0`, `task_1`, ... first.
+        """
+        jacobian = ops.convert_to_tensor(jacobian, "float32")
+        losses = ops.convert_to_tensor(losses, "float32")
+        if self.task_names is None:
+            self.build([f"task_{i}" for i in range(ops.shape(jacobian)[0])])
+        return self.aggregate(jacobian, losses, training=True)[0]
+
+    def get_config(self):
+        return {**super().get_config(), "wrt": self.wrt}

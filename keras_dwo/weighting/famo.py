@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import LossWeighting
 
 
@@ -64,17 +65,11 @@ class FAMO(LossWeighting):
                 f"`min_losses` has {len(self.min_losses)} entries for "
                 f"{len(task_names)} tasks."
             )
-
-        def state(name):
-            return self.add_weight(
-                shape=shape, initializer="zeros", trainable=False, name=name
-            )
-
-        self.logits = state("logits")
-        self.logits_momentum = state("logits_momentum")
-        self.logits_velocity = state("logits_velocity")
-        self.update_count = self.add_weight(
-            shape=(), initializer="zeros", trainable=False, name="update_count"
+        self.logits = self.add_weight(
+            shape=shape, initializer="zeros", trainable=False, name="logits"
+        )
+        self.logits_adam = AdamMoments(
+            self, shape, "logits", beta_1=self.beta_1, beta_2=self.beta_2
         )
 
     def task_probabilities(self):
@@ -100,18 +95,8 @@ class FAMO(LossWeighting):
         )
         z = self.task_probabilities()
         gradient = z * (delta - ops.sum(z * delta)) + self.gamma * self.logits
-        count = self.update_count + 1.0
-        momentum = self.beta_1 * self.logits_momentum + (1 - self.beta_1) * gradient
-        velocity = self.beta_2 * self.logits_velocity + (1 - self.beta_2) * ops.square(
-            gradient
-        )
-        step = (momentum / (1 - self.beta_1**count)) / (
-            ops.sqrt(velocity / (1 - self.beta_2**count)) + 1e-8
-        )
+        step = self.logits_adam.step(gradient)
         self.logits.assign(self.logits - self.learning_rate * step)
-        self.logits_momentum.assign(momentum)
-        self.logits_velocity.assign(velocity)
-        self.update_count.assign(count)
 
     def get_config(self):
         return {
