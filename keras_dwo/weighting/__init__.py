@@ -6,6 +6,7 @@
 
 import keras
 
+from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.famo import FAMO
 from keras_dwo.weighting.gls import GLS
@@ -62,6 +63,7 @@ def get(identifier):
 __all__ = [
     "FAMO",
     "GLS",
+    "GradientWeighting",
     "IDENTIFIERS",
     "IMTLL",
     "LossWeighting",

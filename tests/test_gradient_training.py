@@ -1,0 +1,241 @@
+"""Gradient-level methods inside DynamicWeightedModel: steps, logs, graph, fit."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dwo
+from keras_dwo import weighting
+
+from conftest import TWO_TASK_LOSSES
+from conftest import summed_gradients_method
+from conftest import to_numpy
+from conftest import two_task_data
+from conftest import two_task_model
+from conftest import variable_values
+
+GRADIENT_METHODS = sorted(
+    name for name in weighting.IDENTIFIERS if weighting.get(name).needs_task_gradients
+)
+
+
+def trained_variables(method, epochs=2, regularizer=None, **compile_kwargs):
+    keras.utils.set_random_seed(0)
+    model = two_task_model(method, regularizer=regularizer)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss=TWO_TASK_LOSSES, **compile_kwargs
+    )
+    x, y = two_task_data(128)
+    history = model.fit(x, y, epochs=epochs, batch_size=32, shuffle=False, verbose=0)
+    return variable_values(model.trainable_variables), history.history
+
+
+@pytest.mark.parametrize("wrt", ["parameters", "representation"])
+def test_summed_task_gradients_train_exactly_like_equal_weighting(wrt):
+    regularizer = keras.regularizers.L2(0.01)
+    expected, expected_history = trained_variables("equal", regularizer=regularizer)
+    actual, history = trained_variables(
+        summed_gradients_method(wrt=wrt), regularizer=regularizer
+    )
+    for want, got in zip(expected, actual):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    for key in ("loss", "label_loss", "value_loss"):
+        np.testing.assert_allclose(history[key], expected_history[key], rtol=1e-5)
+
+
+def test_mixed_precision_per_task_gradients_are_unscaled():
+    keras.config.set_dtype_policy("mixed_float16")
+    expected, _ = trained_variables("equal")
+    keras.config.set_dtype_policy("mixed_float16")
+    actual, history = trained_variables(summed_gradients_method())
+    for want, got in zip(expected, actual):
+        np.testing.assert_allclose(got, want, atol=2e-3)
+    assert history["value_loss"][-1] < history["value_loss"][0]
+
+
+def test_logged_weights_are_coefficients_times_task_weights():
+    class Halves(weighting.GradientWeighting):
+        def aggregate(self, jacobian, losses, training=True):
+            coefficients = keras.ops.full_like(losses, 0.5)
+            return keras.ops.matmul(coefficients, jacobian), coefficients
+
+    model = two_task_model(Halves())
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES, loss_weights=[2.0, 0.25])
+    x, y = two_task_data(64)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["label_weight"] == pytest.approx(1.0)
+    assert logs["value_weight"] == pytest.approx(0.125)
+    expected = 2.0 * logs["label_loss"] + 0.25 * logs["value_loss"]
+    assert logs["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _variable_names(model, indices):
+    variables = model.trainable_variables
+    return sorted(variables[i].path.split("/")[0] for i in indices)
+
+
+def test_shared_variables_come_from_the_graph_or_from_shared():
+    x, y = two_task_data(32)
+    model = two_task_model(summed_gradients_method())
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    model.train_on_batch(x, y)
+    plan = model.gradient_plan()
+    assert _variable_names(model, plan.shared_indices) == ["trunk", "trunk"]
+    assert set(_variable_names(model, plan.other_indices)) == {"label", "value"}
+
+    named = two_task_model(summed_gradients_method(), shared=["trunk", "value"])
+    named.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    named.train_on_batch(x, y)
+    shared = _variable_names(named, named.gradient_plan().shared_indices)
+    assert shared == ["trunk", "trunk", "value", "value"]
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['nope'\]"):
+        two_task_model("equal", shared=["nope"])
+
+
+def test_tasks_without_shared_variables_are_an_error():
+    inputs = keras.Input(shape=(6,))
+    label = keras.layers.Dense(3, activation="softmax", name="label")(inputs)
+    value = keras.layers.Dense(1, name="value")(inputs)
+    model = keras_dwo.DynamicWeightedModel(
+        inputs, {"label": label, "value": value}, weighting=summed_gradients_method()
+    )
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    x, y = two_task_data(32)
+    with pytest.raises(ValueError, match="share no trainable variable"):
+        model.train_on_batch(x, y)
+
+
+def test_representation_needs_heads_that_read_only_the_representation():
+    inputs = keras.Input(shape=(6,))
+    hidden = keras.layers.Dense(8, name="trunk")(inputs)
+    label = keras.layers.Dense(3, activation="softmax", name="label")(hidden)
+    value = keras.layers.Dense(1, name="value")(
+        keras.layers.Concatenate()([hidden, inputs])
+    )
+    model = keras_dwo.DynamicWeightedModel(
+        inputs,
+        {"label": label, "value": value},
+        weighting=summed_gradients_method(wrt="representation"),
+    )
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    with pytest.raises(ValueError, match="reads a model input directly"):
+        model.gradient_plan()
+
+
+def test_representation_is_refused_by_methods_that_need_parameters():
+    class ParametersOnly(weighting.GradientWeighting):
+        pass
+
+    with pytest.raises(ValueError, match="does not allow wrt='representation'"):
+        ParametersOnly(wrt="representation")
+    with pytest.raises(ValueError, match="'parameters' or 'representation'"):
+        summed_gradients_method(wrt="outputs")
+
+
+def _linear_model(method):
+    """A linear trunk with two linear heads, weights from a fixed generator."""
+    inputs = keras.Input(shape=(4,))
+    hidden = keras.layers.Dense(3, name="trunk")(inputs)
+    first = keras.layers.Dense(1, name="first")(hidden)
+    second = keras.layers.Dense(1, name="second")(hidden)
+    model = keras_dwo.DynamicWeightedModel(
+        inputs, {"first": first, "second": second}, weighting=method
+    )
+    rng = np.random.default_rng(7)
+    model.set_weights(
+        [rng.normal(size=w.shape).astype("float32") for w in model.weights]
+    )
+    return model
+
+
+def _reference_jacobian(weights, x, targets, task_weights):
+    """Per-task gradients of the linear model's MSE losses, in NumPy."""
+    kernel, bias, *heads = (w.astype("float64") for w in weights)
+    hidden = x @ kernel + bias
+    losses, trunk_rows, head_gradients = [], [], []
+    for task, (head_kernel, head_bias) in enumerate(zip(heads[::2], heads[1::2])):
+        error = hidden @ head_kernel + head_bias - targets[task]
+        losses.append(np.mean(error**2))
+        d_prediction = task_weights[task] * 2 * error / len(x)
+        d_hidden = d_prediction @ head_kernel.T
+        trunk_rows.append(np.concatenate([(x.T @ d_hidden).ravel(), d_hidden.sum(0)]))
+        head_gradients.append([hidden.T @ d_prediction, d_prediction.sum(0)])
+    return np.array(losses), np.stack(trunk_rows), head_gradients
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_a_step_matches_a_numpy_reference(name):
+    """The same step on every backend: the NumPy gradients, then the method."""
+    model = _linear_model(_fresh(name))
+    task_weights = np.array([1.5, 0.5])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss={"first": "mse", "second": "mse"},
+        loss_weights=list(task_weights),
+    )
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    targets = [rng.normal(size=(16, 1)).astype("float32") for _ in range(2)]
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(
+        x, {"first": targets[0], "second": targets[1]}, return_dict=True
+    )
+    losses, jacobian, head_gradients = _reference_jacobian(
+        before, x, targets, task_weights
+    )
+    np.testing.assert_allclose(
+        [logs["first_loss"], logs["second_loss"]], losses, rtol=1e-5
+    )
+    reference = _fresh(name)
+    reference.build(model.task_names)
+    direction, coefficients = (
+        to_numpy(value)
+        for value in reference.aggregate(
+            keras.ops.convert_to_tensor(jacobian, "float32"),
+            keras.ops.convert_to_tensor(losses, "float32"),
+        )
+    )
+    head_factors = coefficients if reference.weights_heads else np.ones(2)
+    expected = [
+        before[0] - 0.1 * direction[:12].reshape(4, 3),
+        before[1] - 0.1 * direction[12:],
+    ]
+    for factor, (kernel_gradient, bias_gradient), kernel, bias in zip(
+        head_factors, head_gradients, before[2::2], before[3::2]
+    ):
+        expected += [
+            kernel - 0.1 * factor * kernel_gradient,
+            bias - 0.1 * factor * bias_gradient,
+        ]
+    for want, got in zip(expected, model.get_weights()):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(
+        [logs["first_weight"], logs["second_weight"]],
+        task_weights * coefficients,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def _fresh(name):
+    """A new instance of a registered method, seeded where it draws."""
+    method = weighting.get(name)
+    config = method.get_config()
+    if "seed" in config:
+        config["seed"] = 3
+        method = type(method).from_config(config)
+    return method
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_fit_lowers_every_task_loss(name):
+    model = two_task_model(_fresh(name))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=TWO_TASK_LOSSES)
+    x, y = two_task_data(256)
+    before = model.evaluate(x, y, verbose=0, return_dict=True)
+    history = model.fit(x, y, epochs=15, batch_size=32, verbose=0).history
+    after = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert after["label_loss"] < before["label_loss"]
+    assert after["value_loss"] < 0.5 * before["value_loss"]
+    for task in model.task_names:
+        assert np.all(np.isfinite(history[f"{task}_weight"]))
