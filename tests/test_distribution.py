@@ -18,7 +18,9 @@ SCRIPT = Path(__file__).with_name("distributed_training.py")
     BACKEND == "torch",
     reason="Keras 3 offers no multi-device data-parallel fit on the torch backend",
 )
-@pytest.mark.parametrize("weighting", ["uncertainty", "famo", "gls"])
+@pytest.mark.parametrize(
+    "weighting", ["uncertainty", "famo", "gls", "mgda", "gradnorm", "upgrad", "pcgrad"]
+)
 def test_two_devices_match_one(weighting):
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), weighting],

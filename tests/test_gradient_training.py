@@ -142,9 +142,8 @@ def _linear_model(method):
         inputs, {"first": first, "second": second}, weighting=method
     )
     rng = np.random.default_rng(7)
-    model.set_weights(
-        [rng.normal(size=w.shape).astype("float32") for w in model.weights]
-    )
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
     return model
 
 
@@ -163,7 +162,12 @@ def _reference_jacobian(weights, x, targets, task_weights):
     return np.array(losses), np.stack(trunk_rows), head_gradients
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+PARAMETER_METHODS = [
+    name for name in GRADIENT_METHODS if weighting.get(name).wrt == "parameters"
+]
+
+
+@pytest.mark.parametrize("name", PARAMETER_METHODS)
 def test_a_step_matches_a_numpy_reference(name):
     """The same step on every backend: the NumPy gradients, then the method."""
     model = _linear_model(_fresh(name))
@@ -176,7 +180,7 @@ def test_a_step_matches_a_numpy_reference(name):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(16, 4)).astype("float32")
     targets = [rng.normal(size=(16, 1)).astype("float32") for _ in range(2)]
-    before = [w.copy() for w in model.get_weights()]
+    before = variable_values(model.trainable_variables)
     logs = model.train_on_batch(
         x, {"first": targets[0], "second": targets[1]}, return_dict=True
     )
@@ -207,7 +211,7 @@ def test_a_step_matches_a_numpy_reference(name):
             kernel - 0.1 * factor * kernel_gradient,
             bias - 0.1 * factor * bias_gradient,
         ]
-    for want, got in zip(expected, model.get_weights()):
+    for want, got in zip(expected, variable_values(model.trainable_variables)):
         np.testing.assert_allclose(got, want, atol=1e-4)
     np.testing.assert_allclose(
         [logs["first_weight"], logs["second_weight"]],

@@ -163,7 +163,7 @@ def test_training_lowers_every_task_loss():
     assert after["value_loss"] < 0.5 * before["value_loss"]
 
 
-@pytest.mark.parametrize("weighting", ["uncertainty", "famo"])
+@pytest.mark.parametrize("weighting", ["uncertainty", "famo", "gradnorm", "pcgrad"])
 def test_a_nan_task_loss_skips_the_step(weighting):
     model = compiled(weighting=weighting)
     x, y = two_task_data(32)

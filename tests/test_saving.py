@@ -29,7 +29,20 @@ def fit(model, x, y, epochs, initial_epoch=0):
     ).history
 
 
-@pytest.mark.parametrize("weighting", ["uncertainty", "famo", "rlw", "imtl_l", "gls"])
+@pytest.mark.parametrize(
+    "weighting",
+    [
+        "uncertainty",
+        "famo",
+        "rlw",
+        "imtl_l",
+        "gls",
+        "gradnorm",
+        "pcgrad",
+        "gradvac",
+        "nash_mtl",
+    ],
+)
 def test_two_plus_two_epochs_equal_four(weighting, tmp_path):
     x, y = two_task_data(128)
 

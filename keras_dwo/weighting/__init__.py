@@ -6,15 +6,25 @@
 
 import keras
 
+from keras_dwo.weighting.aligned_mtl import AlignedMTL
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.cagrad import CAGrad
 from keras_dwo.weighting.famo import FAMO
 from keras_dwo.weighting.gls import GLS
+from keras_dwo.weighting.graddrop import GradDrop
+from keras_dwo.weighting.gradnorm import GradNorm
+from keras_dwo.weighting.gradvac import GradVac
+from keras_dwo.weighting.imtl_g import IMTLG
 from keras_dwo.weighting.imtl_l import IMTLL
+from keras_dwo.weighting.mgda import MGDA
+from keras_dwo.weighting.nash_mtl import NashMTL
+from keras_dwo.weighting.pcgrad import PCGrad
 from keras_dwo.weighting.rlw import RLW
 from keras_dwo.weighting.scale_invariant import ScaleInvariant
 from keras_dwo.weighting.static import Static
 from keras_dwo.weighting.uncertainty import Uncertainty
+from keras_dwo.weighting.upgrad import UPGrad
 
 IDENTIFIERS = {
     "equal": Static,
@@ -26,7 +36,21 @@ IDENTIFIERS = {
     "log": ScaleInvariant,
     "imtl_l": IMTLL,
     "famo": FAMO,
+    "gradnorm": GradNorm,
+    "mgda": MGDA,
+    "mgda_ub": MGDA,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
+    "imtl_g": IMTLG,
+    "graddrop": GradDrop,
+    "gradvac": GradVac,
+    "nash_mtl": NashMTL,
+    "aligned_mtl": AlignedMTL,
+    "upgrad": UPGrad,
 }
+
+# Identifiers that name a configuration of a class, not the class alone.
+_IDENTIFIER_ARGUMENTS = {"mgda_ub": {"wrt": "representation"}}
 
 
 def get(identifier):
@@ -49,7 +73,7 @@ def get(identifier):
                 f"Unknown weighting {identifier!r}; known identifiers: "
                 f"{sorted(IDENTIFIERS)}."
             )
-        return IDENTIFIERS[key]()
+        return IDENTIFIERS[key](**_IDENTIFIER_ARGUMENTS.get(key, {}))
     if isinstance(identifier, dict):
         method = keras.saving.deserialize_keras_object(identifier)
         if isinstance(method, LossWeighting):
@@ -61,15 +85,25 @@ def get(identifier):
 
 
 __all__ = [
+    "AlignedMTL",
+    "CAGrad",
     "FAMO",
+    "get",
     "GLS",
+    "GradDrop",
     "GradientWeighting",
+    "GradNorm",
+    "GradVac",
     "IDENTIFIERS",
+    "IMTLG",
     "IMTLL",
     "LossWeighting",
+    "MGDA",
+    "NashMTL",
+    "PCGrad",
     "RLW",
     "ScaleInvariant",
     "Static",
     "Uncertainty",
-    "get",
+    "UPGrad",
 ]

@@ -5,10 +5,11 @@ from keras import ops
 
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import linear_objective
+from keras_dwo.weighting.random_state import RandomState
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
-class RLW(LossWeighting):
+class RLW(RandomState, LossWeighting):
     """Random loss weighting: fresh random weights at every training step.
 
     At each step the weights are `softmax(z)` with `z ~ N(0, I)`, so they are
@@ -29,7 +30,6 @@ class RLW(LossWeighting):
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed, name="rlw_seed")
 
     def call(self, losses, training=False):
         if training:
@@ -40,14 +40,6 @@ class RLW(LossWeighting):
         else:
             weights = ops.full((self.num_tasks,), 1.0 / self.num_tasks, losses.dtype)
         return linear_objective(weights, losses)
-
-    # Keras does not save seed generators; the state is saved here so that a
-    # reloaded model continues the same sequence of weights.
-    def save_own_variables(self, store):
-        store["seed_state"] = self.seed_generator.state
-
-    def load_own_variables(self, store):
-        self.seed_generator.state.assign(store["seed_state"])
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

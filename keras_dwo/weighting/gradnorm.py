@@ -1,0 +1,127 @@
+"""Gradient normalization, GradNorm (Chen et al. 2018)."""
+
+import keras
+from keras import ops
+
+from keras_dwo.weighting.adam import AdamMoments
+from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import linear_objective
+
+# Adam can step a weight below zero; the floor keeps every task in the
+# objective so that its gradient norm, and with it its weight, can recover.
+MIN_LOSS_WEIGHT = 1e-6
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class GradNorm(GradientWeighting):
+    """GradNorm: learns loss weights that balance the tasks' training rates.
+
+    The loss weights `w` start at 1. At each training step, with `g_i` task
+    i's gradient and `L_i(0)` its loss at the first training step:
+
+    - `G_i = w_i ||g_i||` is the norm of task i's weighted gradient;
+    - `r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))` is its relative inverse
+      training rate: above 1 for a task whose loss decreases slower;
+    - the target norm is `mean(G) r_i^alpha`, held constant;
+    - `w` takes an Adam step (learning rate `learning_rate`) along the
+      gradient of `sum_i |G_i - mean(G) r_i^alpha|` with respect to `w`,
+      is clipped to stay positive (`MIN_LOSS_WEIGHT`) and renormalised to
+      sum to T.
+
+    The direction is `sum_i w_i g_i` with the weights from before the step's
+    update, and the heads' gradients are scaled by the same weights
+    (`weights_heads`), so training minimises `sum_i w_i L_i`; evaluation
+    reports that objective with the learned weights. The weights, their
+    Adam moments and the initial losses are non-trainable variables, saved
+    with the model, so a resumed run keeps its `L_i(0)`.
+
+    The norms are those of the rows of the Jacobian: the gradients of all
+    shared parameters, or with `wrt="representation"` of the shared
+    representation; the paper applies GradNorm to the last shared layer,
+    which the representation approximates at a fraction of the cost.
+
+    Args:
+        alpha: Strength of the pull towards equal training rates (paper's
+            value for NYUv2 and LibMTL's default: 1.5; 0 equalises the
+            gradient norms).
+        learning_rate: Adam learning rate of the loss weights. Neither the
+            paper nor LibMTL (which trains softmax-parametrised weights
+            with the model's optimizer) fixes one; 0.025 is the rate FAMO
+            uses for its task logits.
+        wrt: `"parameters"` or `"representation"`, as for
+            `GradientWeighting`.
+        **kwargs: Passed to `GradientWeighting`.
+
+    References:
+        - Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient
+          Normalization for Adaptive Loss Balancing in Deep Multitask
+          Networks", ICML 2018.
+        - Lin and Zhang, "LibMTL: A Python Library for Multi-Task Learning",
+          JMLR 2023 (default `alpha`).
+    """
+
+    weights_heads = True
+    allows_representation = True
+
+    def __init__(self, alpha=1.5, learning_rate=0.025, wrt="parameters", **kwargs):
+        super().__init__(wrt=wrt, **kwargs)
+        self.alpha = float(alpha)
+        self.learning_rate = float(learning_rate)
+
+    def build(self, task_names):
+        super().build(task_names)
+        shape = (len(task_names),)
+        self.loss_weights = self.add_weight(
+            shape=shape, initializer="ones", trainable=False, name="loss_weights"
+        )
+        self.initial_losses = self.add_weight(
+            shape=shape, initializer="zeros", trainable=False, name="initial_losses"
+        )
+        self.initial_losses_recorded = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            name="initial_losses_recorded",
+        )
+        self.loss_weights_adam = AdamMoments(self, shape, "loss_weights")
+
+    def call(self, losses, training=False):
+        return linear_objective(self.loss_weights, losses)
+
+    def aggregate(self, jacobian, losses, training=True):
+        # A copy: the update below may assign the variable in place.
+        weights = ops.copy(self.loss_weights.value)
+        direction = ops.matmul(weights, jacobian)
+        if training:
+            self._update_loss_weights(jacobian, losses)
+        return direction, weights
+
+    def _update_loss_weights(self, jacobian, losses):
+        recorded = self.initial_losses_recorded > 0
+        initial_losses = ops.where(
+            recorded, ops.convert_to_tensor(self.initial_losses), losses
+        )
+        self.initial_losses.assign(initial_losses)
+        self.initial_losses_recorded.assign(ops.ones(()))
+
+        gradient_norms = ops.sqrt(ops.sum(ops.square(jacobian), axis=1))
+        weighted_norms = self.loss_weights * gradient_norms
+        loss_ratios = ops.divide_no_nan(losses, initial_losses)
+        # Negative losses (log-likelihoods) have no training rate; clamping
+        # keeps the fractional power real.
+        rates = ops.maximum(ops.divide_no_nan(loss_ratios, ops.mean(loss_ratios)), 0.0)
+        target_norms = ops.mean(weighted_norms) * ops.power(rates, self.alpha)
+        gradient = ops.sign(weighted_norms - target_norms) * gradient_norms
+
+        step = self.loss_weights_adam.step(gradient)
+        weights = ops.maximum(
+            self.loss_weights - self.learning_rate * step, MIN_LOSS_WEIGHT
+        )
+        self.loss_weights.assign(weights * (self.num_tasks / ops.sum(weights)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "alpha": self.alpha,
+            "learning_rate": self.learning_rate,
+        }
