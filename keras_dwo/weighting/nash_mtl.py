@@ -14,11 +14,13 @@ def bargaining_weights(gram, start, iterations):
     These are the stationarity conditions of the strictly convex
     `f(alpha) = alpha^T G alpha / 2 - sum_i log(alpha_i)`, which damped Newton
     minimises: the step `delta / (1 + lambda)`, with `lambda` the Newton
-    decrement, keeps `alpha` positive and converges quadratically for this
-    self-concordant `f` (Nesterov, "Introductory Lectures on Convex
-    Optimization", 4.1.5). The start is whichever of `start` and
-    `1 / sqrt(diag(G))` (exact for orthogonal gradients) has the lower `f`
-    after scaling each to the optimum along its ray, `alpha^T G alpha = T`.
+    decrement, keeps `alpha` positive and converges quadratically near the
+    solution for this self-concordant `f` (Nesterov, "Introductory Lectures
+    on Convex Optimization", section 4.1.5). It starts from whichever of
+    `start`, `1 / sqrt(diag(G))` (exact for orthogonal gradients) and the
+    uniform vector (close for gradients that nearly cancel) has the lowest
+    `f`, each first scaled to the minimum of `f` along its ray, where
+    `alpha^T G alpha = T`.
 
     Args:
         gram: `(T, T)` positive definite matrix `G`.
@@ -30,23 +32,29 @@ def bargaining_weights(gram, start, iterations):
     """
     num_tasks = ops.shape(gram)[0]
 
-    def scaled_to_ray_optimum(alpha):
-        quadratic = ops.sum(alpha * ops.matmul(gram, alpha))
-        return alpha * ops.sqrt(num_tasks / quadratic)
-
     def objective(alpha):
-        return 0.5 * ops.sum(alpha * ops.matmul(gram, alpha)) - ops.sum(ops.log(alpha))
+        quadratic = ops.sum(alpha * ops.matmul(gram, alpha))
+        return 0.5 * quadratic - ops.sum(ops.log(alpha))
 
-    warm = scaled_to_ray_optimum(start)
-    cold = scaled_to_ray_optimum(ops.rsqrt(ops.diagonal(gram)))
-    alpha = ops.where(objective(warm) < objective(cold), warm, cold)
-    for _ in range(iterations):
+    def scaled_to_ray_minimum(alpha):
+        return alpha * ops.sqrt(num_tasks / ops.sum(alpha * ops.matmul(gram, alpha)))
+
+    candidates = [
+        scaled_to_ray_minimum(candidate)
+        for candidate in (start, ops.rsqrt(ops.diagonal(gram)), ops.ones_like(start))
+    ]
+    alpha = candidates[0]
+    for candidate in candidates[1:]:
+        alpha = ops.where(objective(candidate) < objective(alpha), candidate, alpha)
+
+    def newton_step(_, alpha):
         gradient = ops.matmul(gram, alpha) - 1.0 / alpha
         hessian = gram + ops.diag(1.0 / ops.square(alpha))
         delta = ops.solve(hessian, gradient[:, None])[:, 0]
         decrement = ops.sqrt(ops.maximum(ops.sum(gradient * delta), 0.0))
-        alpha = alpha - delta / (1.0 + decrement)
-    return alpha
+        return alpha - delta / (1.0 + decrement)
+
+    return ops.fori_loop(0, iterations, newton_step, alpha)
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -60,30 +68,34 @@ class NashMTL(GradientWeighting):
     bargaining game whose utilities are `log(g_i . d)`. The official code
     finds `alpha` with a sequence of convex problems solved by cvxpy; here
     damped Newton on an equivalent strictly convex problem
-    (`bargaining_weights`) takes `iterations` steps from the previous
-    solution. `G` gets a ridge of `1e-4 * I`, so gradients that cancel out
+    (`bargaining_weights`) takes `iterations` steps, warm-started from the
+    previous solution. `G` gets a ridge of `1e-4 * I`, so gradients that cancel out
     (parallel opposite, zero) still have a finite solution.
 
-    Measured on random Gram matrices of up to 12 tasks, including
-    rank-deficient ones and norms over six orders of magnitude, 20 steps
-    bring `max_i |alpha_i ((G + 1e-4 I) alpha)_i - 1|` below `1e-5`
-    (float32).
+    Measured on 10,000 random Gram matrices of 1 to 12 tasks, including
+    rank-deficient ones, nearly cancelling ones and norms spread over six
+    orders of magnitude, 30 steps (the default) bring the residual
+    `max_i |alpha_i ((G + 1e-4 I) alpha)_i - 1|` below `2e-6` whenever that
+    matrix has a condition number below `1e3`, and below `2e-3` (the float32
+    limit of the worst-conditioned ones) in every case; 20 steps did not
+    always suffice.
 
     As in the official code, `alpha` is recomputed every `update_every`
     training steps and reused in between (a step counter and the last
-    `alpha` are non-trainable variables, saved with the model); since the
-    Jacobian is computed at every step anyway, this saves only the small
-    solve. Also as there, the direction is scaled down to norm `max_norm` when
-    longer; the reported weights include that factor, so they are the
-    coefficients of the task gradients in the direction.
+    `alpha` are non-trainable variables, saved with the model). The Jacobian
+    is computed at every step anyway, so here the reuse saves no work; it
+    only reproduces the official behaviour. Also as there, the direction is
+    scaled down to norm `max_norm` when longer; the reported weights include
+    that factor, so they are the coefficients of the task gradients in the
+    direction.
 
     Args:
         update_every: Number of training steps between updates of `alpha`
             (default 1, the official code's).
         max_norm: Largest norm of the direction; 0 or less disables the
             clipping (default 1.0, the official code's).
-        iterations: Number of Newton steps (default 20, the official code's
-            largest number of cvxpy problems per update).
+        iterations: Number of Newton steps per update (default 30; see
+            above).
         **kwargs: Passed to `GradientWeighting`.
 
     References:
@@ -91,7 +103,7 @@ class NashMTL(GradientWeighting):
           "Multi-Task Learning as a Bargaining Game", ICML 2022.
     """
 
-    def __init__(self, update_every=1, max_norm=1.0, iterations=20, **kwargs):
+    def __init__(self, update_every=1, max_norm=1.0, iterations=30, **kwargs):
         super().__init__(**kwargs)
         if int(update_every) < 1:
             raise ValueError(
@@ -117,13 +129,19 @@ class NashMTL(GradientWeighting):
 
     def aggregate(self, jacobian, losses, training=True):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        scale = ops.sqrt(ops.sum(ops.square(gram)))
-        normalized = gram / ops.where(scale > 0, scale, ops.ones_like(scale))
+        # The Frobenius norm, computed on a scaled copy so that its squares
+        # cannot overflow.
+        largest = ops.max(ops.abs(gram))
+        gram_over_largest = gram / ops.where(largest > 0, largest, 1.0)
+        scale = largest * ops.sqrt(ops.sum(ops.square(gram_over_largest)))
+        normalized = gram / ops.where(scale > 0, scale, 1.0)
         normalized = normalized + RIDGE * ops.eye(self.num_tasks, dtype=gram.dtype)
-        alpha = bargaining_weights(normalized, self.alpha, self.iterations)
+        # As tensors: `ops.where` rejects variables on JAX.
+        previous_alpha = ops.convert_to_tensor(self.alpha)
+        alpha = bargaining_weights(normalized, previous_alpha, self.iterations)
         if self.update_every > 1:
             alpha = ops.where(
-                ops.equal(self.steps_since_update, 0.0), alpha, self.alpha
+                ops.equal(self.steps_since_update, 0.0), alpha, previous_alpha
             )
         if training:
             self.alpha.assign(alpha)
