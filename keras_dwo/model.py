@@ -366,7 +366,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             return dict(zip(self.task_names, task_outputs))
         return list(task_outputs)
 
-    def combine_task_gradients(self, task_gradients, task_losses, loss_scale):
+    def combine_task_gradients(self, task_gradients, task_losses):
         """Combines per-task gradients with the gradient-level method.
 
         Args:
@@ -374,8 +374,6 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 representation tensor): the gradients of the T scaled,
                 weighted task losses with respect to it.
             task_losses: The `(T,)` unweighted task losses.
-            loss_scale: The factor by which the optimizer scaled the losses
-                (1 without mixed precision); the method sees unscaled rows.
 
         Returns:
             `(gradients, weights, head_weights)`: one combined gradient per
@@ -387,11 +385,18 @@ class DynamicWeightedModel(Trainer, keras.Model):
         rows = [
             ops.reshape(ops.cast(g, "float32"), (num_tasks, -1)) for g in task_gradients
         ]
-        jacobian = ops.concatenate(rows, axis=1) / loss_scale
+        jacobian = ops.concatenate(rows, axis=1)
+        # The method sees unscaled gradients; the optimizer unscales the
+        # direction it returns.
+        scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if scaled:
+            loss_scale = self.optimizer.scale_loss(ops.ones((), "float32"))
+            jacobian = jacobian / loss_scale
         direction, coefficients = self.weighting.aggregate(
             jacobian, task_losses, training=True
         )
-        direction = direction * loss_scale
+        if scaled:
+            direction = direction * loss_scale
         gradients, start = [], 0
         for gradient in task_gradients:
             shape = ops.shape(gradient)[1:]

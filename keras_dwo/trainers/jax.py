@@ -23,6 +23,16 @@ def _weighted_sum(weights, stacked):
     return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
 
 
+def _pull_back_each_task(pullback, num_tasks):
+    """Pulls each task loss back on its own; returns the results stacked.
+
+    A loop measured slightly faster than `jax.vmap` of the pullback on CPU
+    for 2 to 8 tasks, and as fast at 8.
+    """
+    pulled = [pullback((row, jnp.zeros(()))) for row in jnp.eye(num_tasks)]
+    return jax.tree.map(lambda *per_task: jnp.stack(per_task), *pulled)
+
+
 def _select(condition, new_values, old_values):
     return [jnp.where(condition, new, old) for new, old in zip(new_values, old_values)]
 
@@ -140,12 +150,11 @@ class JAXTrainer:
     def _combined_gradients(self, trainable, non_trainable, optimizer_variables, data):
         """Per-task gradients of the shared variables, combined by the method.
 
-        The task losses are pulled back once per task, vectorised with
-        `jax.vmap`, from one linearisation of the forward pass.
+        The task losses are pulled back once per task from one linearisation
+        of the forward pass.
         """
         plan = self.gradient_plan()
         num_tasks = len(self.task_names)
-        task_cotangents = (jnp.eye(num_tasks), jnp.zeros((num_tasks,)))
         regularization_cotangent = (jnp.zeros((num_tasks,)), jnp.ones(()))
         if plan.trunk is None:
             _, pullback, (forward, has_regularization) = jax.vjp(
@@ -155,7 +164,7 @@ class JAXTrainer:
                 trainable,
                 has_aux=True,
             )
-            (per_task,) = jax.vmap(pullback)(task_cotangents)
+            (per_task,) = _pull_back_each_task(pullback, num_tasks)
             task_gradients = [per_task[i] for i in plan.shared_indices]
         else:
             (representation, _), trunk_pullback, trunk_non_trainable = jax.vjp(
@@ -173,15 +182,14 @@ class JAXTrainer:
                 representation,
                 has_aux=True,
             )
-            per_task, task_gradients = jax.vmap(heads_pullback)(task_cotangents)
+            per_task, task_gradients = _pull_back_each_task(heads_pullback, num_tasks)
         mapping = self._state_mapping(
             trainable, forward.non_trainable_variables, optimizer_variables
         )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             objective, _ = self.compute_objective(forward.task_losses)
-            loss_scale = self.optimizer.scale_loss(jnp.ones(()))
             combined, weights, head_weights = self.combine_task_gradients(
-                task_gradients, forward.task_losses, loss_scale
+                task_gradients, forward.task_losses
             )
         new_non_trainable = [
             scope.get_current_value(v) for v in self.non_trainable_variables

@@ -117,9 +117,8 @@ class TensorFlowTrainer(StatefulTrainer):
             )
         task_losses = tf.stop_gradient(task_losses)
         objective, _ = self.compute_objective(task_losses)
-        loss_scale = self.optimizer.scale_loss(tf.constant(1.0))
         combined, weights, head_weights = self.combine_task_gradients(
-            task_gradients, task_losses, loss_scale
+            task_gradients, task_losses
         )
         if plan.trunk is None:
             # The strategy sums the replicas' gradients of the shared

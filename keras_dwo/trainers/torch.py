@@ -38,10 +38,9 @@ class TorchTrainer(StatefulTrainer):
         sources = shared if representation is None else representation
         rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
         task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
-        loss_scale = self.optimizer.scale_loss(torch.ones(()))
         objective, _ = self.compute_objective(task_losses.detach())
         combined, weights, head_weights = self.combine_task_gradients(
-            task_gradients, task_losses.detach(), loss_scale
+            task_gradients, task_losses.detach()
         )
         if representation is not None:
             combined = _gradients(representation, shared, grad_outputs=combined)

@@ -52,9 +52,8 @@ def worst_case_weights(gram, mean_products, radius):
     )
     clipped = ops.maximum(affine_min_norm + mu[:, None] * tilt, 0.0)
     candidates = clipped / ops.sum(clipped, axis=1, keepdims=True)
-    objective = ops.matmul(candidates, mean_products) + radius * ops.sqrt(
-        min_norm.quadratic_forms(gram, candidates)
-    )
+    norms = ops.sqrt(ops.maximum(min_norm.quadratic_forms(gram, candidates), 0.0))
+    objective = ops.matmul(candidates, mean_products) + radius * norms
     return min_norm.lowest(candidates, objective)
 
 
@@ -110,8 +109,14 @@ class CAGrad(GradientWeighting):
         mean_products = ops.matmul(gram, mean_weights)
         radius = self.c * ops.sqrt(ops.sum(mean_weights * mean_products))
         conflict_weights = worst_case_weights(gram, mean_products, radius)
-        # The ridge keeps ||g_w||^2 >= RIDGE / T, so the ratio is finite.
-        conflict_norm = ops.sqrt(min_norm.quadratic_forms(gram, conflict_weights))
+        # The ridge makes ||g_w||^2 >= RIDGE ||w||^2 > 0 in exact arithmetic;
+        # the bound is restored where float32 cancellation breaks it.
+        conflict_norm = ops.sqrt(
+            ops.maximum(
+                min_norm.quadratic_forms(gram, conflict_weights),
+                min_norm.RIDGE * ops.sum(ops.square(conflict_weights)),
+            )
+        )
         weights = mean_weights + (radius / conflict_norm) * conflict_weights
         weights = weights / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         return ops.matmul(weights, jacobian), weights

@@ -16,7 +16,7 @@ class IMTLG(GradientWeighting):
     form: `G w = c n` with `G = J J^T` and `n` the gradient norms, so
     `w = G^{-1} n / (1^T G^{-1} n)`, the paper's solution written in the
     `(T, T)` Gram space. `G` is trace-normalised and regularised as in
-    `min_norm` (`+ 1e-4 I`), which keeps the solve finite for parallel or
+    `min_norm` (`+ 1e-6 I`), which keeps the solve finite for parallel or
     zero gradients; a zero gradient gets weight 0. Where no direction has
     positive equal projections, `1^T G^{-1} n` vanishes and the paper's
     weights diverge; here the sum is kept at least `1e-6` times

@@ -6,6 +6,9 @@ from keras import ops
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 
+# TorchJD's default regularisation of the normalised Gram matrix.
+RIDGE = 1e-4
+
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class UPGrad(GradientWeighting):
@@ -41,7 +44,7 @@ class UPGrad(GradientWeighting):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         num_tasks = ops.shape(gram)[0]
         dual_weights = min_norm.lower_bounded_min_norm(
-            gram, ops.eye(num_tasks, dtype=gram.dtype)
+            gram, ops.eye(num_tasks, dtype=gram.dtype), ridge=RIDGE
         )
         weights = ops.mean(dual_weights, axis=0)
         return ops.matmul(weights, jacobian), weights
