@@ -57,9 +57,14 @@ class GradDrop(RandomState, GradientWeighting):
     def aggregate(self, jacobian, losses, training=True):
         del losses
         magnitudes = ops.abs(jacobian)
+        # Sums over tasks as products with a row of ones: XLA on CPU reduces
+        # the leading axis of a wide matrix some 50 times slower.
+        ones = ops.ones_like(magnitudes[:, 0])
         purity = 0.5 * (
             1.0
-            + ops.divide_no_nan(ops.sum(jacobian, axis=0), ops.sum(magnitudes, axis=0))
+            + ops.divide_no_nan(
+                ops.matmul(ones, jacobian), ops.matmul(ones, magnitudes)
+            )
         )
         draws = self.uniform(ops.shape(purity), training)
         kept_sign = ops.logical_or(
@@ -72,7 +77,7 @@ class GradDrop(RandomState, GradientWeighting):
         mass = ops.sum(magnitudes, axis=1)
         kept_mass = ops.sum(ops.abs(kept), axis=1)
         weights = ops.where(mass > 0, ops.divide_no_nan(kept_mass, mass), 1.0)
-        return ops.sum(kept, axis=0), weights
+        return ops.matmul(ones, kept), weights
 
     def get_config(self):
         return {**super().get_config(), "leak": self.leak, "seed": self.seed}
