@@ -116,6 +116,17 @@ class DynamicWeightedModel(Trainer, keras.Model):
         shared: Optional names of the layers whose variables the tasks share,
             for gradient-level methods with `wrt="parameters"`; by default
             the layers that feed two or more outputs.
+        missing_label: Optional target value that marks a missing label
+            (such as `float("nan")` or `-1`), for data where a sample may lack
+            the target of some tasks. A sample lacks a task's label where any
+            entry of its target equals this value, or where its per-task
+            sample weight is 0. Such a sample adds nothing to that task's loss,
+            gradient or metrics, and each task loss is the mean over the
+            samples that have its label. Metrics given to `compile` are then
+            weighted by the presence of labels (and by the sample weights).
+            A batch without any label of a task gives that task loss 0 and
+            a zero gradient, which the weighting method sees as such (MGDA,
+            for one, then stops): use batches that hold every task's labels.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -135,10 +146,19 @@ class DynamicWeightedModel(Trainer, keras.Model):
     ```
     """
 
-    def __init__(self, inputs, outputs, weighting="equal", shared=None, **kwargs):
+    def __init__(
+        self,
+        inputs,
+        outputs,
+        weighting="equal",
+        shared=None,
+        missing_label=None,
+        **kwargs,
+    ):
         task_names = _output_task_names(outputs)
         super().__init__(inputs, outputs, **kwargs)
         self.task_names = task_names
+        self.missing_label = None if missing_label is None else float(missing_label)
         if shared is not None:
             shared = [
                 layer.name if isinstance(layer, keras.layers.Layer) else str(layer)
@@ -166,13 +186,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self.loss_functions = None
 
     @classmethod
-    def from_model(cls, model, weighting="equal", shared=None):
+    def from_model(cls, model, weighting="equal", shared=None, missing_label=None):
         """Wraps a functional multi-output model, sharing its layers and weights.
 
         Args:
             model: A functional `keras.Model` with two or more outputs.
             weighting: The weighting method, as for the constructor.
             shared: Optional shared layer names, as for the constructor.
+            missing_label: Optional missing-label value, as for the
+                constructor.
 
         Returns:
             A `DynamicWeightedModel` with the same inputs, outputs and name.
@@ -187,6 +209,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             model._outputs_struct,
             weighting=weighting,
             shared=shared,
+            missing_label=missing_label,
             name=model.name,
         )
 
@@ -240,6 +263,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
             initial = [float(w) for w in self._by_task(loss_weights, "loss weight")]
             self.task_weights.assign(initial)
         self._gradient_plan = None
+        if self.missing_label is not None and kwargs.get("metrics") is not None:
+            # Unweighted metrics would count the samples without a label.
+            if kwargs.get("weighted_metrics") is not None:
+                raise ValueError(
+                    "With `missing_label`, metrics are weighted by the presence "
+                    "of labels: pass them as `metrics` or as `weighted_metrics`, "
+                    "not both."
+                )
+            kwargs["weighted_metrics"] = kwargs.pop("metrics")
         super().compile(optimizer=optimizer, loss=None, **kwargs)
         self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
 
@@ -277,21 +309,84 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self._check_targets(y, sample_weight)
         return super().test_on_batch(x, y, sample_weight, *args, **kwargs)
 
+    def _task_sample_weights(self, sample_weight):
+        if sample_weight is None or not isinstance(sample_weight, (dict, list, tuple)):
+            return [sample_weight] * len(self.task_names)
+        return self._by_task(sample_weight, "sample weight")
+
+    def _labelled(self, y, sample_weight):
+        """Returns per task `(target, sample_weight, count)` for partial labels.
+
+        Missing targets are replaced by 0, so that the loss of a sample
+        without a label stays finite before its weight of 0 removes it;
+        `count` is the number of samples with a label.
+        """
+        labelled = []
+        for target, weight in zip(
+            self._by_task(y, "target"), self._task_sample_weights(sample_weight)
+        ):
+            target = ops.convert_to_tensor(target)
+            if math.isnan(self.missing_label):
+                missing = (
+                    ops.isnan(target)
+                    if keras.backend.is_float_dtype(target.dtype)
+                    else ops.zeros_like(target, dtype="bool")
+                )
+            else:
+                missing = ops.equal(target, ops.cast(self.missing_label, target.dtype))
+            target = ops.where(missing, ops.zeros_like(target), target)
+            if len(missing.shape) > 1:
+                missing = ops.any(
+                    ops.reshape(missing, (ops.shape(missing)[0], -1)), axis=1
+                )
+            present = 1.0 - ops.cast(missing, "float32")
+            if weight is not None:
+                present = present * ops.cast(
+                    ops.reshape(weight, ops.shape(present)), "float32"
+                )
+            count = ops.sum(ops.cast(present != 0, "float32"))
+            labelled.append((target, present, count))
+        return labelled
+
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
-        targets = self._by_task(y, "target")
         predictions = self._by_task(y_pred, "output")
-        if sample_weight is None or not isinstance(sample_weight, (dict, list, tuple)):
-            sample_weights = [sample_weight] * len(self.task_names)
-        else:
-            sample_weights = self._by_task(sample_weight, "sample weight")
-        return ops.stack(
-            [
-                ops.cast(loss(target, prediction, weight), "float32")
-                for loss, target, prediction, weight in zip(
-                    self.loss_functions, targets, predictions, sample_weights
-                )
-            ]
+        if self.missing_label is None:
+            return ops.stack(
+                [
+                    ops.cast(loss(target, prediction, weight), "float32")
+                    for loss, target, prediction, weight in zip(
+                        self.loss_functions,
+                        self._by_task(y, "target"),
+                        predictions,
+                        self._task_sample_weights(sample_weight),
+                    )
+                ]
+            )
+        task_losses = []
+        for loss, prediction, (target, weight, count) in zip(
+            self.loss_functions, predictions, self._labelled(y, sample_weight)
+        ):
+            value = ops.cast(loss(target, prediction, weight), "float32")
+            if loss.reduction in ("sum_over_batch_size", "mean"):
+                # From the mean over the batch to the mean over the samples
+                # that have this task's label.
+                batch_size = ops.cast(ops.shape(weight)[0], "float32")
+                value = value * ops.divide_no_nan(batch_size, count)
+            task_losses.append(value)
+        return ops.stack(task_losses)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self.missing_label is None or y is None:
+            return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        labelled = self._labelled(y, sample_weight)
+        return super().compute_metrics(
+            x,
+            self.outputs_like_model([target for target, _, _ in labelled]),
+            y_pred,
+            sample_weight=self.outputs_like_model(
+                [weight for _, weight, _ in labelled]
+            ),
         )
 
     def compute_objective(self, task_losses, training=False):
@@ -427,6 +522,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         config = {**graph.get_config(), "trainable": self.trainable}
         config["weighting"] = keras.saving.serialize_keras_object(self.weighting)
         config["shared"] = None if self.shared is None else list(self.shared)
+        config["missing_label"] = self.missing_label
         return config
 
     @classmethod
@@ -434,5 +530,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
         config = dict(config)
         weighting = config.pop("weighting", "equal")
         shared = config.pop("shared", None)
+        missing_label = config.pop("missing_label", None)
         functional = keras.Model.from_config(config, custom_objects=custom_objects)
-        return cls.from_model(functional, weighting=weighting, shared=shared)
+        return cls.from_model(
+            functional, weighting=weighting, shared=shared, missing_label=missing_label
+        )
