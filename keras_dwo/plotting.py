@@ -1,0 +1,84 @@
+"""Plots of the task weights and losses that `fit` logged."""
+
+
+def _history_dict(history):
+    logs = getattr(history, "history", history)
+    if not isinstance(logs, dict):
+        raise TypeError(
+            "`history` must be the History that `fit` returns or its `.history` "
+            f"dict; received {type(history).__name__}."
+        )
+    return logs
+
+
+def plot_weights(history, tasks=None, figure=None):
+    """Draws each task's weight and loss over the epochs of a `fit`.
+
+    The left panel shows `<task>_weight`, the right one `<task>_loss` (and
+    `val_<task>_loss`, dashed, where `fit` had validation data), one colour
+    per task. Needs matplotlib (`pip install keras-dwo[plot]`).
+
+    Args:
+        history: The `keras.callbacks.History` returned by `fit`, or its
+            `.history` dict.
+        tasks: Optional task names to draw, in order; by default every task
+            with a `<task>_weight` log.
+        figure: Optional `matplotlib.figure.Figure` to draw on; by default a
+            new one.
+
+    Returns:
+        The `matplotlib.figure.Figure`, with the weights' and the losses'
+        axes in `figure.axes`.
+
+    Example:
+
+    ```python
+    history = model.fit(x, y, epochs=20)
+    figure = keras_dwo.plot_weights(history)
+    figure.savefig("weights.png")
+    ```
+    """
+    logs = _history_dict(history)
+    available = [key[: -len("_weight")] for key in logs if key.endswith("_weight")]
+    if tasks is None:
+        tasks = [task for task in available if not task.startswith("val_")]
+    if not tasks:
+        raise ValueError(
+            "The history has no `<task>_weight` log; it must come from fitting "
+            f"a DynamicWeightedModel. Its keys are {sorted(logs)}."
+        )
+    unknown = [task for task in tasks if task not in available]
+    if unknown:
+        raise ValueError(
+            f"No `<task>_weight` log for task(s) {unknown}; the history has "
+            f"weights for {available}."
+        )
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "plot_weights needs matplotlib: `pip install keras-dwo[plot]`."
+        ) from error
+
+    if figure is None:
+        figure = Figure(figsize=(10, 4), layout="constrained")
+    weights_axes, losses_axes = figure.subplots(1, 2)
+    for index, task in enumerate(tasks):
+        colour = f"C{index % 10}"
+        weights = logs[f"{task}_weight"]
+        epochs = range(1, len(weights) + 1)
+        weights_axes.plot(epochs, weights, color=colour, label=task)
+        losses_axes.plot(epochs, logs[f"{task}_loss"], color=colour, label=task)
+        if f"val_{task}_loss" in logs:
+            losses_axes.plot(
+                epochs,
+                logs[f"val_{task}_loss"],
+                color=colour,
+                linestyle="--",
+                label=f"val_{task}",
+            )
+    weights_axes.set(title="task weights", xlabel="epoch", ylabel="weight")
+    losses_axes.set(title="task losses", xlabel="epoch", ylabel="loss")
+    for axes in (weights_axes, losses_axes):
+        axes.legend()
+    return figure
