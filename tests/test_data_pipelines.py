@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND
 from conftest import TWO_TASK_LOSSES
 from conftest import two_task_data
 from conftest import two_task_model
@@ -112,14 +111,9 @@ def test_a_py_dataset_with_an_unknown_task_is_refused():
         model.fit(Batches(x, wrong), epochs=1, verbose=0)
 
 
-@pytest.mark.skipif(
-    BACKEND != "tensorflow",
-    reason="tf.data needs TensorFlow, which only the tensorflow test "
-    "environment installs",
-)
 @pytest.mark.parametrize("with_weights", [False, True])
 def test_tf_data_with_dict_targets_trains_as_arrays_do(with_weights):
-    import tensorflow as tf
+    tf = pytest.importorskip("tensorflow")
 
     x, y = two_task_data(SAMPLES)
     sample_weight = per_task_sample_weights() if with_weights else None
