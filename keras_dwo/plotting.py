@@ -55,6 +55,7 @@ def plot_weights(history, tasks=None, figure=None):
         )
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise ImportError(
             "plot_weights needs matplotlib: `pip install keras-dwo[plot]`."
@@ -80,5 +81,6 @@ def plot_weights(history, tasks=None, figure=None):
     weights_axes.set(title="task weights", xlabel="epoch", ylabel="weight")
     losses_axes.set(title="task losses", xlabel="epoch", ylabel="loss")
     for axes in (weights_axes, losses_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend()
     return figure
