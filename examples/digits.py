@@ -33,7 +33,6 @@ import sys
 
 import keras
 import numpy as np
-from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 
 import keras_dwo
@@ -124,13 +123,8 @@ def print_table(results):
 
 
 def save_plot(results, path):
-    figure = Figure(figsize=(10, 3.2 * len(results)), layout="constrained")
-    for panel, (method, scores) in zip(
-        figure.subfigures(len(results), 1), results.items()
-    ):
-        keras_dwo.plot_weights(scores["history"], figure=panel)
-        panel.suptitle(method)
-    figure.savefig(path)
+    runs = {method: scores["history"] for method, scores in results.items()}
+    keras_dwo.plot_weights(runs).savefig(path)
     print(f"\nWeights and losses over training saved to {path}")
 
 

@@ -11,16 +11,48 @@ def _history_dict(history):
     return logs
 
 
+def _matplotlib():
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as error:
+        raise ImportError(
+            "plot_weights needs matplotlib: `pip install keras-dwo[plot]`."
+        ) from error
+    return Figure, MaxNLocator
+
+
+def _plot_runs(runs, tasks, figure):
+    if not runs:
+        raise ValueError("No runs to plot: the dict of histories is empty.")
+    Figure, _ = _matplotlib()
+    if figure is None:
+        figure = Figure(figsize=(10, 3.2 * len(runs)), layout="constrained")
+    panels = figure.subfigures(len(runs), 1, squeeze=False)[:, 0]
+    for panel, (name, run) in zip(panels, runs.items()):
+        plot_weights(run, tasks=tasks, figure=panel)
+        panel.suptitle(name)
+    return figure
+
+
+def _is_run_collection(history):
+    return isinstance(history, dict) and all(
+        hasattr(run, "history") or isinstance(run, dict) for run in history.values()
+    )
+
+
 def plot_weights(history, tasks=None, figure=None):
     """Draws each task's weight and loss over the epochs of a `fit`.
 
     The left panel shows `<task>_weight`, the right one `<task>_loss` (and
     `val_<task>_loss`, dashed, where `fit` had validation data), one colour
-    per task. Needs matplotlib (`pip install keras-dwo[plot]`).
+    per task. Given several runs by name, it draws one such row per run,
+    titled with its name. Needs matplotlib (`pip install keras-dwo[plot]`).
 
     Args:
         history: The `keras.callbacks.History` returned by `fit`, or its
-            `.history` dict.
+            `.history` dict; or a dict of those by run name, such as
+            `{"equal": history_1, "upgrad": history_2}`.
         tasks: Optional task names to draw, in order; by default every task
             with a `<task>_weight` log.
         figure: Optional `matplotlib.figure.Figure` to draw on; by default a
@@ -28,7 +60,7 @@ def plot_weights(history, tasks=None, figure=None):
 
     Returns:
         The `matplotlib.figure.Figure`, with the weights' and the losses'
-        axes in `figure.axes`.
+        axes in `figure.axes` (two per run, in order).
 
     Example:
 
@@ -38,6 +70,8 @@ def plot_weights(history, tasks=None, figure=None):
     figure.savefig("weights.png")
     ```
     """
+    if _is_run_collection(history):
+        return _plot_runs(history, tasks, figure)
     logs = _history_dict(history)
     available = [key[: -len("_weight")] for key in logs if key.endswith("_weight")]
     if tasks is None:
@@ -53,14 +87,7 @@ def plot_weights(history, tasks=None, figure=None):
             f"No `<task>_weight` log for task(s) {unknown}; the history has "
             f"weights for {available}."
         )
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as error:
-        raise ImportError(
-            "plot_weights needs matplotlib: `pip install keras-dwo[plot]`."
-        ) from error
-
+    Figure, MaxNLocator = _matplotlib()
     if figure is None:
         figure = Figure(figsize=(10, 4), layout="constrained")
     weights_axes, losses_axes = figure.subplots(1, 2)

@@ -50,3 +50,13 @@ def test_bad_histories_are_refused(history):
         keras_dwo.plot_weights(history, tasks=["speed"])
     with pytest.raises(TypeError, match="History"):
         keras_dwo.plot_weights([1.0, 2.0])
+
+
+def test_several_runs_get_one_titled_row_each(history):
+    figure = keras_dwo.plot_weights({"first": history, "second": history.history})
+    assert len(figure.axes) == 4
+    assert [panel.get_suptitle() for panel in figure.subfigs] == ["first", "second"]
+    second_weights = {line.get_label(): line for line in figure.axes[2].get_lines()}
+    np.testing.assert_allclose(
+        second_weights["value"].get_ydata(), history.history["value_weight"]
+    )
