@@ -23,9 +23,9 @@ weights and losses over training to `--plot`.
     python examples/recommendation.py
     KERAS_BACKEND=torch python examples/recommendation.py --epochs 10
 
-`--quick` trains on 10,000 impressions for 2 epochs and checks that every method learned both
-tasks: each head's AUC must exceed 0.6 and its log loss must beat predicting
-the training base rate. It exits with a non-zero status otherwise.
+`--quick` trains on 10,000 impressions for 2 epochs and checks that every
+method learned both tasks: each head's AUC must exceed 0.6 and its log loss
+must beat predicting the training base rate. It exits with a non-zero status otherwise.
 """
 
 import argparse

@@ -12,7 +12,9 @@ from conftest import BACKEND
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("script", ["penguins.py", "digits.py", "recommendation.py", "shapes.py"])
+@pytest.mark.parametrize(
+    "script", ["penguins.py", "digits.py", "recommendation.py", "shapes.py"]
+)
 def test_quick_mode_beats_trivial_predictors(script, tmp_path):
     environment = {**os.environ, "KERAS_BACKEND": BACKEND}
     completed = subprocess.run(
