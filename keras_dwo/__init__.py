@@ -2,10 +2,18 @@
 
 from keras_dwo import callbacks
 from keras_dwo import layers
+from keras_dwo import tuning
 from keras_dwo import weighting
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.plotting import plot_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicWeightedModel", "callbacks", "layers", "plot_weights", "weighting"]
+__all__ = [
+    "DynamicWeightedModel",
+    "callbacks",
+    "layers",
+    "plot_weights",
+    "tuning",
+    "weighting",
+]

@@ -13,7 +13,15 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize(
-    "script", ["penguins.py", "digits.py", "recommendation.py", "shapes.py"]
+    "script",
+    [
+        "penguins.py",
+        "digits.py",
+        "recommendation.py",
+        "shapes.py",
+        "forecast.py",
+        "tuned_weights.py",
+    ],
 )
 def test_quick_mode_beats_trivial_predictors(script, tmp_path):
     environment = {**os.environ, "KERAS_BACKEND": BACKEND}
