@@ -73,3 +73,39 @@ def summed_gradients_method(**kwargs):
             return keras.ops.sum(jacobian, axis=0), keras.ops.ones_like(losses)
 
     return SummedGradients(**kwargs)
+
+
+def compiled_aggregate(method, jacobian, losses):
+    """`aggregate` under the backend's compiler; the state is updated."""
+    jacobian = keras.ops.convert_to_tensor(np.asarray(jacobian, "float32"))
+    losses = keras.ops.convert_to_tensor(np.asarray(losses, "float32"))
+    if BACKEND == "jax":
+        import jax
+
+        variables = method.non_trainable_variables
+
+        @jax.jit
+        def step(values, jacobian, losses):
+            mapping = list(zip(variables, values))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                direction, weights = method.aggregate(jacobian, losses, training=True)
+            new_values = [scope.get_current_value(v) for v in variables]
+            new_values = [
+                old if new is None else new for old, new in zip(values, new_values)
+            ]
+            return direction, weights, new_values
+
+        direction, weights, values = step(
+            [v.value for v in variables], jacobian, losses
+        )
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        direction, weights = tf.function(method.aggregate, jit_compile=True)(
+            jacobian, losses
+        )
+    else:
+        direction, weights = method.aggregate(jacobian, losses)
+    return to_numpy(direction), to_numpy(weights)
