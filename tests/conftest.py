@@ -109,3 +109,23 @@ def compiled_aggregate(method, jacobian, losses):
     else:
         direction, weights = method.aggregate(jacobian, losses)
     return to_numpy(direction), to_numpy(weights)
+
+
+def built(method, num_tasks):
+    method.build([f"task_{i}" for i in range(num_tasks)])
+    return method
+
+
+def aggregate(method, jacobian, losses=None, training=True):
+    """`method.aggregate` on NumPy inputs (losses default to ones), built if needed."""
+    jacobian = np.asarray(jacobian, "float32")
+    if method.task_names is None:
+        built(method, len(jacobian))
+    if losses is None:
+        losses = np.ones(len(jacobian), "float32")
+    direction, weights = method.aggregate(
+        keras.ops.convert_to_tensor(jacobian),
+        keras.ops.convert_to_tensor(np.asarray(losses, "float32")),
+        training=training,
+    )
+    return to_numpy(direction), to_numpy(weights)

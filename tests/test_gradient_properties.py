@@ -1,6 +1,5 @@
 """Properties every gradient-level rule must have, on generated Jacobians."""
 
-import keras
 import numpy as np
 import pytest
 from hypothesis import HealthCheck
@@ -11,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from keras_dwo import weighting
 
-from conftest import to_numpy
+from conftest import aggregate
 
 RULES = sorted(
     name
@@ -28,16 +27,6 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-
-
-def aggregate(name, jacobian, losses):
-    method = weighting.get(name)
-    method.build([f"t{i}" for i in range(len(jacobian))])
-    direction, weights = method.aggregate(
-        keras.ops.convert_to_tensor(np.asarray(jacobian, "float32")),
-        keras.ops.convert_to_tensor(np.asarray(losses, "float32")),
-    )
-    return to_numpy(direction), to_numpy(weights)
 
 
 @st.composite
@@ -65,7 +54,7 @@ def jacobians(draw, min_tasks=1, max_tasks=4):
 @given(case=jacobians())
 def test_directions_and_weights_are_finite(name, case):
     jacobian, losses = case
-    direction, weights = aggregate(name, jacobian, losses)
+    direction, weights = aggregate(weighting.get(name), jacobian, losses)
     assert direction.shape == (jacobian.shape[1],)
     assert weights.shape == (jacobian.shape[0],)
     assert np.all(np.isfinite(direction)) and np.all(np.isfinite(weights))
@@ -73,7 +62,7 @@ def test_directions_and_weights_are_finite(name, case):
 
 @pytest.mark.parametrize("name", RULES)
 def test_an_all_zero_jacobian_gives_a_zero_direction(name):
-    direction, weights = aggregate(name, np.zeros((3, 5)), np.ones(3))
+    direction, weights = aggregate(weighting.get(name), np.zeros((3, 5)), np.ones(3))
     np.testing.assert_array_equal(direction, np.zeros(5))
     assert np.all(np.isfinite(weights))
 
@@ -87,9 +76,9 @@ def test_an_all_zero_jacobian_gives_a_zero_direction(name):
 def test_permuting_tasks_permutes_weights(name, case, permutation_seed):
     jacobian, losses = case
     permutation = np.random.default_rng(permutation_seed).permutation(len(jacobian))
-    direction, weights = aggregate(name, jacobian, losses)
+    direction, weights = aggregate(weighting.get(name), jacobian, losses)
     permuted_direction, permuted_weights = aggregate(
-        name, jacobian[permutation], losses[permutation]
+        weighting.get(name), jacobian[permutation], losses[permutation]
     )
     # Where large weighted rows cancel, the direction is known only to the
     # float32 precision of the terms that cancel.

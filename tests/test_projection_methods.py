@@ -11,27 +11,10 @@ from keras_dwo.weighting.gradnorm import GradNorm
 from keras_dwo.weighting.gradvac import GradVac
 from keras_dwo.weighting.pcgrad import PCGrad
 
+from conftest import aggregate
+from conftest import built
 from conftest import compiled_aggregate
 from conftest import to_numpy
-
-
-def built(method, num_tasks):
-    method.build([f"task_{i}" for i in range(num_tasks)])
-    return method
-
-
-def aggregate(method, jacobian, losses=None, training=True):
-    jacobian = np.asarray(jacobian, "float32")
-    if method.task_names is None:
-        built(method, len(jacobian))
-    if losses is None:
-        losses = np.ones(len(jacobian), "float32")
-    direction, weights = method.aggregate(
-        keras.ops.convert_to_tensor(jacobian),
-        keras.ops.convert_to_tensor(np.asarray(losses, "float32")),
-        training=training,
-    )
-    return to_numpy(direction), to_numpy(weights)
 
 
 def variable_value(variable):
