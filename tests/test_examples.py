@@ -18,7 +18,10 @@ from conftest import BACKEND
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 # Paper reproductions run on the default backend.
-BACKEND_OF_REPRODUCTION = {"gradnorm_synthetic.py": "tensorflow"}
+BACKEND_OF_REPRODUCTION = {
+    "gradnorm_synthetic.py": "tensorflow",
+    "toy_landscape.py": "tensorflow",
+}
 BACKEND_OF_EXAMPLE = {
     "penguins.py": "tensorflow",
     "tuned_weights.py": "tensorflow",
