@@ -1,6 +1,7 @@
 """DynamicWeightedModel: a functional multi-task model with dynamic weighting."""
 
 import dataclasses
+import inspect
 import math
 
 import keras
@@ -77,6 +78,30 @@ class GradientPlan:
     heads: keras.Model | None = None
 
 
+def _presence(label_counts):
+    """Returns `{"present": (T,) 0/1 mask of the tasks with labels}` or `{}`.
+
+    Without partial labels nothing is passed, so methods written before the
+    `present` argument keep working.
+    """
+    if label_counts is None:
+        return {}
+    return {"present": ops.cast(label_counts > 0, "float32")}
+
+
+def _check_takes_presence(method):
+    rules = ["call", "update"]
+    if method.needs_task_gradients:
+        rules.append("aggregate")
+    for rule in rules:
+        if "present" not in inspect.signature(getattr(method, rule)).parameters:
+            raise ValueError(
+                f"With `missing_label`, the weighting method must learn which "
+                f"tasks have labels in a batch, but {type(method).__name__}."
+                f"{rule} takes no `present` argument."
+            )
+
+
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class DynamicWeightedModel(Trainer, keras.Model):
     """A multi-output functional model whose task losses are weighted while it trains.
@@ -123,10 +148,11 @@ class DynamicWeightedModel(Trainer, keras.Model):
             sample weight is 0. Such a sample adds nothing to that task's loss,
             gradient or metrics, and each task loss is the mean over the
             samples that have its label. Metrics given to `compile` are then
-            weighted by the presence of labels (and by the sample weights).
-            A batch without any label of a task gives that task loss 0 and
-            a zero gradient, which the weighting method sees as such (MGDA,
-            for one, then stops): use batches that hold every task's labels.
+            weighted by the presence of labels (and by the sample weights),
+            and `<task>_loss` in the logs is the mean over the labelled
+            samples of the epoch. In a batch without any label of a task,
+            the weighting method treats the step as one of the other tasks
+            alone and leaves its state for that task unchanged.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -173,6 +199,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 f"The weighting {method.name!r} already serves the tasks "
                 f"{method.task_names}; give each model its own instance."
             )
+        if self.missing_label is not None:
+            _check_takes_presence(method)
         method.build(task_names)
         self.weighting = method
         num_tasks = len(task_names)
@@ -348,6 +376,16 @@ class DynamicWeightedModel(Trainer, keras.Model):
             labelled.append((target, present, count))
         return labelled
 
+    def count_task_labels(self, y, sample_weight=None):
+        """Returns each task's number of labelled samples in the batch.
+
+        A float32 `(T,)` tensor with `missing_label`; None without it, where
+        every sample has every label.
+        """
+        if self.missing_label is None:
+            return None
+        return ops.stack([count for _, _, count in self._labelled(y, sample_weight)])
+
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
         predictions = self._by_task(y_pred, "output")
@@ -389,19 +427,22 @@ class DynamicWeightedModel(Trainer, keras.Model):
             ),
         )
 
-    def compute_objective(self, task_losses, training=False):
+    def compute_objective(self, task_losses, training=False, label_counts=None):
         """Returns `(objective, weights)` for a vector of task losses.
 
         The objective is the weighting method applied to
         `task_weights * task_losses`, plus the regularization losses
         (`model.losses`); `weights` is its derivative with respect to each
-        unweighted task loss.
+        unweighted task loss. `label_counts` (from `count_task_labels`) tells
+        the method which tasks have labels in the batch.
         """
         task_weights = ops.convert_to_tensor(self.task_weights)
         # The method was built with the model and takes float32 losses, so the
         # bookkeeping of `Layer.__call__` is skipped on this per-step path.
         objective, method_weights = self.weighting.call(
-            task_weights * task_losses, training=training
+            task_weights * task_losses,
+            training=training,
+            **_presence(label_counts),
         )
         regularization = self.regularization_loss()
         if regularization is not None:
@@ -461,7 +502,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             return dict(zip(self.task_names, task_outputs))
         return list(task_outputs)
 
-    def combine_task_gradients(self, task_gradients, task_losses):
+    def combine_task_gradients(self, task_gradients, task_losses, label_counts=None):
         """Combines per-task gradients with the gradient-level method.
 
         Args:
@@ -469,6 +510,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 representation tensor): the gradients of the T scaled,
                 weighted task losses with respect to it.
             task_losses: The `(T,)` unweighted task losses.
+            label_counts: None, or the `(T,)` labelled samples per task.
 
         Returns:
             `(gradients, weights, head_weights)`: one combined gradient per
@@ -488,7 +530,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             loss_scale = self.optimizer.scale_loss(ops.ones((), "float32"))
             jacobian = jacobian / loss_scale
         direction, coefficients = self.weighting.aggregate(
-            jacobian, task_losses, training=True
+            jacobian, task_losses, training=True, **_presence(label_counts)
         )
         if scaled:
             direction = direction * loss_scale
@@ -508,12 +550,22 @@ class DynamicWeightedModel(Trainer, keras.Model):
         )
         return gradients, weights, head_weights
 
-    def record_step(self, objective, task_losses, weights, x):
-        """Updates the `loss`, `<task>_loss` and `<task>_weight` logs."""
+    def update_weighting(self, losses_before, losses_after, label_counts=None):
+        """Lets the method learn from the task losses before and after a step."""
+        self.weighting.update(losses_before, losses_after, **_presence(label_counts))
+
+    def record_step(self, objective, task_losses, weights, x, label_counts=None):
+        """Updates the `loss`, `<task>_loss` and `<task>_weight` logs.
+
+        Each task's loss is averaged over its labelled samples
+        (`label_counts`), or over the batch where every sample has a label.
+        """
         first_input = next(i for i in keras.tree.flatten(x) if i is not None)
-        batch_size = ops.shape(first_input)[0]
+        batch_size = ops.cast(ops.shape(first_input)[0], "float32")
         self._loss_tracker.update_state(objective, sample_weight=batch_size)
-        self.task_tracker.update_state(task_losses, weights, batch_size)
+        if label_counts is None:
+            label_counts = ops.full(ops.shape(task_losses), batch_size)
+        self.task_tracker.update_state(task_losses, weights, label_counts)
 
     def get_config(self):
         # The graph config of a functional model with the same inputs, outputs

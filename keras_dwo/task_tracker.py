@@ -21,15 +21,16 @@ class TaskTracker(keras.metrics.Metric):
         self.task_names = tuple(task_names)
         shape = (len(self.task_names),)
         self.loss_total = self.add_variable(shape, "zeros", name="loss_total")
-        self.count = self.add_variable((), "zeros", name="count")
+        self.count = self.add_variable(shape, "zeros", name="count")
         self.last_weights = self.add_variable(
             shape, "zeros", aggregation="only_first_replica", name="last_weights"
         )
 
-    def update_state(self, task_losses, weights, batch_size):
-        batch_size = ops.cast(batch_size, self.dtype)
-        self.loss_total.assign_add(ops.cast(task_losses, self.dtype) * batch_size)
-        self.count.assign_add(batch_size)
+    def update_state(self, task_losses, weights, sample_counts):
+        """Adds a step's task losses, weighted by `(T,)` sample counts."""
+        sample_counts = ops.cast(sample_counts, self.dtype)
+        self.loss_total.assign_add(ops.cast(task_losses, self.dtype) * sample_counts)
+        self.count.assign_add(sample_counts)
         self.last_weights.assign(ops.cast(weights, self.dtype))
 
     def result(self):

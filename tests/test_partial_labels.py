@@ -111,16 +111,127 @@ def test_metrics_skip_unlabelled_samples():
     np.testing.assert_allclose(logs["value_mae"], expected, rtol=1e-5)
 
 
-def test_a_batch_without_labels_of_a_task_trains_the_others():
+@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "uncertainty", "famo"])
+def test_a_batch_without_labels_of_a_task_trains_the_others(weighting):
     x, y, _ = partial_targets()
     y["value"][:] = np.nan
-    model = two_task_model("pcgrad", missing_label=np.nan)
-    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    model = two_task_model(weighting, missing_label=np.nan)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=TWO_TASK_LOSSES)
+    method_state = variable_values(model.weighting.variables)
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
     assert history["value_loss"] == [0.0, 0.0, 0.0]
-    assert history["label_loss"][-1] < history["label_loss"][0]
+    # MGDA, for one, found the minimum-norm point 0 of the hull that held
+    # the absent task's zero gradient, and took no step.
+    assert history["label_loss"][-1] < 0.9 * history["label_loss"][0]
     for value in variable_values(model.trainable_variables):
         assert np.all(np.isfinite(value))
+    # What the method learned about the absent task stays as it was.
+    for before, after in zip(method_state, variable_values(model.weighting.variables)):
+        if before.shape == (2,) and before.dtype.kind == "f":
+            assert after[1] == before[1]
+
+
+def test_epoch_task_loss_is_the_mean_over_labelled_samples():
+    x, y, present = partial_targets()
+    # The first half of the batches have no label of `value` at all.
+    present[: SAMPLES // 2] = False
+    y["value"][~present] = np.nan
+    model = two_task_model(missing_label=np.nan)
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
+    predicted = to_numpy(model(x)["value"])
+    expected = np.mean((predicted[present] - y["value"][present]) ** 2)
+    np.testing.assert_allclose(logs["value_loss"], expected, rtol=1e-5)
+
+
+# Every method but RLW, whose random weights are drawn for all the tasks
+# built (see the RLW test), and the aliases of the same classes.
+METHODS_WITH_AN_ABSENT_TASK = sorted(
+    set(keras_dwo.weighting.IDENTIFIERS) - {"rlw", "static", "log", "mgda_ub"}
+)
+
+
+@pytest.mark.parametrize("identifier", METHODS_WITH_AN_ABSENT_TASK)
+def test_with_an_absent_task_a_method_acts_on_the_others_alone(identifier):
+    # Tasks a, b, c, with b absent, must give what the method gives for the
+    # two tasks a and c: the same direction or objective, the same weights
+    # and the same state for them, and an untouched state for b.
+    rng = np.random.default_rng(0)
+    jacobian = rng.normal(size=(2, 5)).astype("float32")
+    losses_before = np.array([0.7, 1.9], "float32")
+    losses_after = np.array([0.6, 1.85], "float32")
+
+    def with_absent_b(values):
+        return keras.ops.convert_to_tensor(np.insert(to_numpy(values), 1, 0.0, axis=0))
+
+    jacobian, losses_before, losses_after = (
+        keras.ops.convert_to_tensor(values)
+        for values in (jacobian, losses_before, losses_after)
+    )
+
+    def method_for(num_tasks):
+        keras.utils.set_random_seed(0)
+        method = keras_dwo.weighting.get(identifier)
+        method.build([f"task_{i}" for i in range(num_tasks)])
+        return method
+
+    alone, among_three = method_for(2), method_for(3)
+    fresh = variable_values(method_for(3).variables)
+    present = keras.ops.convert_to_tensor([1.0, 0.0, 1.0])
+    pair = [0, 2]
+    if alone.needs_task_gradients:
+        expected = alone.aggregate(jacobian, losses_before)
+        actual = among_three.aggregate(
+            with_absent_b(jacobian), with_absent_b(losses_before), present=present
+        )
+    else:
+        expected = alone.call(losses_before, training=True)
+        actual = among_three.call(
+            with_absent_b(losses_before), training=True, present=present
+        )
+        alone.update(losses_before, losses_after)
+        among_three.update(
+            with_absent_b(losses_before), with_absent_b(losses_after), present
+        )
+    expected_result, expected_weights = (to_numpy(value) for value in expected)
+    actual_result, actual_weights = (to_numpy(value) for value in actual)
+    np.testing.assert_allclose(actual_result, expected_result, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(actual_weights[pair], expected_weights, rtol=1e-4)
+    states = zip(
+        variable_values(alone.variables),
+        variable_values(among_three.variables),
+        fresh,
+    )
+    for expected_state, state, initial in states:
+        if state.shape == (3,):
+            np.testing.assert_allclose(state[pair], expected_state, rtol=1e-4)
+            assert state[1] == initial[1]
+        elif state.shape == (3, 3):
+            np.testing.assert_allclose(state[np.ix_(pair, pair)], expected_state)
+            np.testing.assert_array_equal(state[1], initial[1])
+
+
+def test_rlw_draws_weights_for_the_tasks_present_only():
+    method = keras_dwo.weighting.get("rlw")
+    method.build(["a", "b", "c"])
+    present = keras.ops.convert_to_tensor([1.0, 0.0, 1.0])
+    for training in (True, False):
+        _, weights = method.call(
+            keras.ops.convert_to_tensor([0.5, 0.0, 2.0]), training, present
+        )
+        weights = to_numpy(weights)
+        assert weights[1] == 0.0
+        assert weights.sum() == pytest.approx(1.0)
+
+
+def test_a_method_without_a_present_argument_is_refused():
+    class OldStyle(keras_dwo.weighting.LossWeighting):
+        def call(self, losses, training=False):
+            return keras.ops.sum(losses), keras.ops.ones_like(losses)
+
+    with pytest.raises(ValueError, match="OldStyle.call takes no `present`"):
+        two_task_model(OldStyle(), missing_label=np.nan)
+    two_task_model(OldStyle())
 
 
 def test_fit_learns_from_partially_labelled_data():

@@ -256,7 +256,7 @@ def test_gradnorm_evaluation_uses_the_learned_weights():
     direction, weights = aggregate(method, [[1.0], [1.0]], training=False)
     np.testing.assert_allclose(weights, [0.5, 1.5])
     np.testing.assert_allclose(variable_value(method.loss_weights), [0.5, 1.5])
-    assert float(variable_value(method.initial_losses_recorded)) == 0.0
+    np.testing.assert_array_equal(variable_value(method.initial_losses_recorded), 0.0)
 
 
 # All methods

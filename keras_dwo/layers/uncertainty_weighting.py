@@ -80,14 +80,20 @@ class UncertaintyWeighting(keras.layers.Layer):
         scale, _ = self.loss_factors()
         return scale * ops.exp(-self.log_variances)
 
-    def objective_and_precisions(self, losses):
-        """Returns the combined loss and the precisions it weighs losses by."""
+    def objective_and_precisions(self, losses, present=None):
+        """Returns the combined loss and the precisions it weighs losses by.
+
+        Args:
+            losses: `(T,)` task losses.
+            present: Optional `(T,)` 0/1 mask; a task marked 0 has no label in
+                the batch, and its log-variance gets no gradient.
+        """
         _, log_variance_factor = self.loss_factors()
         precisions = self.precisions()
-        objective = ops.sum(
-            precisions * losses + log_variance_factor * self.log_variances
-        )
-        return objective, precisions
+        terms = precisions * losses + log_variance_factor * self.log_variances
+        if present is not None:
+            terms = ops.cast(present, terms.dtype) * terms
+        return ops.sum(terms), precisions
 
     def call(self, losses):
         return self.objective_and_precisions(losses)[0]

@@ -73,7 +73,11 @@ class JAXTrainer:
             self._losses_override = regularization_losses
             try:
                 task_losses = self.compute_task_losses(y, y_pred, sample_weight)
-                objective, weights = self.compute_objective(task_losses, training)
+                objective, weights = self.compute_objective(
+                    task_losses,
+                    training,
+                    label_counts=self.count_task_labels(y, sample_weight),
+                )
             finally:
                 self._losses_override = []
             scaled_objective = (
@@ -186,10 +190,13 @@ class JAXTrainer:
         mapping = self._state_mapping(
             trainable, forward.non_trainable_variables, optimizer_variables
         )
+        label_counts = self.count_task_labels(data[1], data[2])
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            objective, _ = self.compute_objective(forward.task_losses)
+            objective, _ = self.compute_objective(
+                forward.task_losses, label_counts=label_counts
+            )
             combined, weights, head_weights = self.combine_task_gradients(
-                task_gradients, forward.task_losses
+                task_gradients, forward.task_losses, label_counts
             )
         new_non_trainable = [
             scope.get_current_value(v) for v in self.non_trainable_variables
@@ -235,13 +242,23 @@ class JAXTrainer:
         mapping = zip(self.non_trainable_variables, non_trainable_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
             losses_after = self.compute_task_losses(y, y_pred, sample_weight)
-            self.weighting.update(losses_before, losses_after)
+            self.update_weighting(
+                losses_before,
+                losses_after,
+                self.count_task_labels(y, sample_weight),
+            )
         return [scope.get_current_value(v) for v in self.non_trainable_variables]
 
     def _stateless_record(self, metrics_variables, forward, x, y, sample_weight):
         mapping = zip(self.metrics_variables, metrics_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            self.record_step(forward.objective, forward.task_losses, forward.weights, x)
+            self.record_step(
+                forward.objective,
+                forward.task_losses,
+                forward.weights,
+                x,
+                self.count_task_labels(y, sample_weight),
+            )
             logs = self.compute_metrics(x, y, forward.y_pred, sample_weight)
         return logs, [scope.get_current_value(v) for v in self.metrics_variables]
 

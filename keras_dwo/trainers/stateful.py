@@ -10,20 +10,29 @@ class StatefulTrainer:
         """Returns the task losses over all replicas and the replica count."""
         return task_losses, 1
 
+    def global_label_counts(self, y, sample_weight):
+        """Returns the labelled samples per task over all replicas, or None."""
+        return self.count_task_labels(y, sample_weight)
+
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
         task_losses, _ = self.global_task_losses(
             self.compute_task_losses(y, y_pred, sample_weight)
         )
-        objective, weights = self.compute_objective(task_losses, training=False)
-        self.record_step(objective, task_losses, weights, x)
+        label_counts = self.global_label_counts(y, sample_weight)
+        objective, weights = self.compute_objective(
+            task_losses, training=False, label_counts=label_counts
+        )
+        self.record_step(objective, task_losses, weights, x, label_counts)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def update_weighting_after_step(self, x, y, sample_weight, losses_before):
+    def update_weighting_after_step(
+        self, x, y, sample_weight, losses_before, label_counts
+    ):
         """Evaluates the batch again and lets the method learn from the change."""
         y_pred = self(x, training=False)
         losses_after, _ = self.global_task_losses(
             self.compute_task_losses(y, y_pred, sample_weight)
         )
-        self.weighting.update(losses_before, losses_after)
+        self.update_weighting(losses_before, losses_after, label_counts)

@@ -38,6 +38,13 @@ class TensorFlowTrainer(StatefulTrainer):
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
         return total + replicas * (task_losses - local), replicas
 
+    def global_label_counts(self, y, sample_weight):
+        label_counts = self.count_task_labels(y, sample_weight)
+        context, replicas = self._replica_context()
+        if label_counts is None or replicas == 1:
+            return label_counts
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, label_counts)
+
     def _apply_if_finite(self, finite, gradients, variables):
         # The optimizer synchronises replicas with `merge_call`, which a
         # `tf.cond` in replica context cannot contain; the condition is taken
@@ -65,13 +72,16 @@ class TensorFlowTrainer(StatefulTrainer):
             task_losses, replicas = self.global_task_losses(
                 self.compute_task_losses(y, y_pred, sample_weight)
             )
-            objective, weights = self.compute_objective(task_losses, training=True)
+            label_counts = self.global_label_counts(y, sample_weight)
+            objective, weights = self.compute_objective(
+                task_losses, training=True, label_counts=label_counts
+            )
             scaled_objective = self.optimizer.scale_loss(objective / replicas)
         variables = self.trainable_variables
         gradients = _zeros_for_none(
             tape.gradient(scaled_objective, variables), variables
         )
-        return y_pred, task_losses, objective, weights, gradients
+        return y_pred, task_losses, label_counts, objective, weights, gradients
 
     def _combined_gradients(self, x, y, sample_weight):
         """Per-task gradients of the shared variables, combined by the method."""
@@ -116,9 +126,10 @@ class TensorFlowTrainer(StatefulTrainer):
                 tf.distribute.ReduceOp.SUM, task_gradients
             )
         task_losses = tf.stop_gradient(task_losses)
-        objective, _ = self.compute_objective(task_losses)
+        label_counts = self.global_label_counts(y, sample_weight)
+        objective, _ = self.compute_objective(task_losses, label_counts=label_counts)
         combined, weights, head_weights = self.combine_task_gradients(
-            task_gradients, task_losses
+            task_gradients, task_losses, label_counts
         )
         if plan.trunk is None:
             # The strategy sums the replicas' gradients of the shared
@@ -149,7 +160,7 @@ class TensorFlowTrainer(StatefulTrainer):
                 )
             ]
         del tape
-        return y_pred, task_losses, objective, weights, gradients
+        return y_pred, task_losses, label_counts, objective, weights, gradients
 
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
@@ -161,13 +172,17 @@ class TensorFlowTrainer(StatefulTrainer):
             step = self._combined_gradients(x, y, sample_weight)
         else:
             step = self._objective_gradients(x, y, sample_weight)
-        y_pred, task_losses, objective, weights, gradients = step
+        y_pred, task_losses, label_counts, objective, weights, gradients = step
         task_losses = tf.stop_gradient(task_losses)
         finite = tf.reduce_all(tf.math.is_finite(task_losses))
         self._apply_if_finite(finite, gradients, self.trainable_variables)
         if self.weighting.updates_after_step:
-            self.update_weighting_after_step(x, y, sample_weight, task_losses)
+            self.update_weighting_after_step(
+                x, y, sample_weight, task_losses, label_counts
+            )
         for variable, value in zip(state, previous):
             variable.assign(tf.where(finite, variable.value, value))
-        self.record_step(tf.stop_gradient(objective), task_losses, weights, x)
+        self.record_step(
+            tf.stop_gradient(objective), task_losses, weights, x, label_counts
+        )
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -23,13 +23,15 @@ class TorchTrainer(StatefulTrainer):
     task loss returns before any of them.
     """
 
-    def _objective_gradients(self, y_pred, task_losses):
-        objective, weights = self.compute_objective(task_losses, training=True)
+    def _objective_gradients(self, task_losses, label_counts):
+        objective, weights = self.compute_objective(
+            task_losses, training=True, label_counts=label_counts
+        )
         variables = [v.value for v in self.trainable_variables]
         gradients = _gradients(self.optimizer.scale_loss(objective), variables)
         return objective, weights, gradients
 
-    def _combined_gradients(self, task_losses, representation):
+    def _combined_gradients(self, task_losses, label_counts, representation):
         plan = self.gradient_plan()
         variables = [v.value for v in self.trainable_variables]
         shared = [variables[i] for i in plan.shared_indices]
@@ -38,9 +40,11 @@ class TorchTrainer(StatefulTrainer):
         sources = shared if representation is None else representation
         rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
         task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
-        objective, _ = self.compute_objective(task_losses.detach())
+        objective, _ = self.compute_objective(
+            task_losses.detach(), label_counts=label_counts
+        )
         combined, weights, head_weights = self.combine_task_gradients(
-            task_gradients, task_losses.detach()
+            task_gradients, task_losses.detach(), label_counts
         )
         if representation is not None:
             combined = _gradients(representation, shared, grad_outputs=combined)
@@ -69,21 +73,26 @@ class TorchTrainer(StatefulTrainer):
             y_pred = self(x, training=True)
         task_losses = self.compute_task_losses(y, y_pred, sample_weight)
         detached = task_losses.detach()
+        label_counts = self.count_task_labels(y, sample_weight)
         if not bool(torch.isfinite(detached).all()):
-            objective, weights = self.compute_objective(detached)
+            objective, weights = self.compute_objective(
+                detached, label_counts=label_counts
+            )
         else:
             if self.weighting.needs_task_gradients:
                 objective, weights, gradients = self._combined_gradients(
-                    task_losses, representation
+                    task_losses, label_counts, representation
                 )
             else:
                 objective, weights, gradients = self._objective_gradients(
-                    y_pred, task_losses
+                    task_losses, label_counts
                 )
             variables = self.trainable_variables
             with torch.no_grad():
                 self.optimizer.apply(gradients, variables)
                 if self.weighting.updates_after_step:
-                    self.update_weighting_after_step(x, y, sample_weight, detached)
-        self.record_step(objective.detach(), detached, weights, x)
+                    self.update_weighting_after_step(
+                        x, y, sample_weight, detached, label_counts
+                    )
+        self.record_step(objective.detach(), detached, weights, x, label_counts)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

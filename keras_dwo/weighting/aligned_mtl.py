@@ -43,7 +43,10 @@ class AlignedMTL(GradientWeighting):
 
     allows_representation = True
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
+        # An absent task's zero row gives a zero eigenvalue, whose eigenvector
+        # is left out; the other eigenvectors are 0 at that task.
+        del present
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         trace = ops.trace(gram)
         gram = gram / ops.where(trace > 0, trace, ops.ones_like(trace))

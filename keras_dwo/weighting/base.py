@@ -13,11 +13,18 @@ class LossWeighting(keras.layers.Layer):
     Keras layer: its state lives in Keras variables, which the model tracks, so
     it trains, saves, restores and distributes like any other weight.
 
-    Subclasses implement `call(losses, training)`, which returns the objective
-    (a scalar) and the effective weights: the derivative of the objective with
-    respect to each task loss, as a `(T,)` tensor that is reported in the logs
-    as `<task>_weight`. Methods that learn from how the losses changed over a
-    step set `updates_after_step = True` and implement `update`.
+    Subclasses implement `call(losses, training, present)`, which returns the
+    objective (a scalar) and the effective weights: the derivative of the
+    objective with respect to each task loss, as a `(T,)` tensor that is
+    reported in the logs as `<task>_weight`. Methods that learn from how the
+    losses changed over a step set `updates_after_step = True` and implement
+    `update`.
+
+    `present` is None or a float `(T,)` mask: 0 marks a task without any
+    label in the batch (partial labels, see `DynamicWeightedModel`'s
+    `missing_label`). Such a task's loss is 0 and has no gradient; a method
+    treats the step as one of the other tasks alone and leaves its state for
+    that task as it was.
 
     Args:
         **kwargs: Passed to `keras.layers.Layer`. The layer computes in
@@ -49,15 +56,22 @@ class LossWeighting(keras.layers.Layer):
     def num_tasks(self):
         return len(self.task_names)
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
         """Returns `(objective, weights)` for a `(T,)` vector of task losses."""
         raise NotImplementedError(
-            f"{type(self).__name__} must implement `call(losses, training)`."
+            f"{type(self).__name__} must implement `call(losses, training, present)`."
         )
 
-    def update(self, losses_before, losses_after):
+    def update(self, losses_before, losses_after, present=None):
         """Updates the state from the task losses before and after a step."""
-        del losses_before, losses_after
+        del losses_before, losses_after, present
+
+
+def presence(present, losses):
+    """Returns the float32 `(T,)` presence mask, all ones where `present` is None."""
+    if present is None:
+        return ops.ones_like(losses)
+    return ops.cast(present, losses.dtype)
 
 
 def linear_objective(weights, losses):
@@ -78,7 +92,8 @@ class GradientWeighting(LossWeighting):
     multiplied by the task's coefficient when `weights_heads` is true (methods
     whose weights are loss weights, such as GradNorm).
 
-    Subclasses implement `aggregate(jacobian, losses, training)`. Methods
+    Subclasses implement `aggregate(jacobian, losses, training, present)`
+    (`present` as for `LossWeighting`: an absent task's row is zero). Methods
     whose rule holds for the gradients of a shared representation (the
     tensor the heads read, far cheaper than the parameters) set
     `allows_representation = True`; the user then chooses with `wrt`.
@@ -112,10 +127,12 @@ class GradientWeighting(LossWeighting):
             )
         self.wrt = wrt
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        # An absent task's loss is 0 and has no gradient: the sum ignores it.
+        del present
         return ops.sum(losses), ops.ones_like(losses)
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         """Returns `(direction, weights)` for a `(T, P)` Jacobian.
 
         Args:
@@ -124,6 +141,8 @@ class GradientWeighting(LossWeighting):
                 representation), flattened.
             losses: Float32 `(T,)` tensor of the unweighted task losses.
             training: Whether the method may update its state.
+            present: None, or a float `(T,)` mask that is 0 for the tasks
+                without a label in the batch.
 
         Returns:
             The `(P,)` direction and the `(T,)` coefficients of the task
@@ -133,20 +152,21 @@ class GradientWeighting(LossWeighting):
         """
         raise NotImplementedError(
             f"{type(self).__name__} must implement `aggregate(jacobian, losses, "
-            "training)`."
+            "training, present)`."
         )
 
-    def combine(self, jacobian, losses):
+    def combine(self, jacobian, losses, present=None):
         """Returns the direction for a `(T, P)` Jacobian and `(T,)` losses.
 
         Usable without a model: an unbuilt method is built for `T` tasks
-        named `task_0`, `task_1`, ... first.
+        named `task_0`, `task_1`, ... first. `present` is an optional `(T,)`
+        0/1 mask of the tasks that take part (see `aggregate`).
         """
         jacobian = ops.convert_to_tensor(jacobian, "float32")
         losses = ops.convert_to_tensor(losses, "float32")
         if self.task_names is None:
             self.build([f"task_{i}" for i in range(ops.shape(jacobian)[0])])
-        return self.aggregate(jacobian, losses, training=True)[0]
+        return self.aggregate(jacobian, losses, training=True, present=present)[0]
 
     def get_config(self):
         return {**super().get_config(), "wrt": self.wrt}

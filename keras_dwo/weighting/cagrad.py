@@ -5,11 +5,12 @@ from keras import ops
 
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import presence
 
 RESCALES = (0, 1, 2)
 
 
-def worst_case_weights(gram, mean_products, radius):
+def worst_case_weights(gram, mean_products, radius, present=None):
     """Returns `argmin_{w in simplex} w . a + r sqrt(w^T G w)`, CAGrad's dual.
 
     On a face S of the simplex the stationary point lies on the line
@@ -25,6 +26,7 @@ def worst_case_weights(gram, mean_products, radius):
         mean_products: `(T,)` inner products `a_i = g_i . g_0` with the mean
             gradient.
         radius: Non-negative scalar `r`.
+        present: Optional `(T,)` 0/1 mask: the simplex of the tasks marked 1.
 
     Returns:
         The `(T,)` simplex weights `w`.
@@ -54,7 +56,7 @@ def worst_case_weights(gram, mean_products, radius):
     candidates = clipped / ops.sum(clipped, axis=1, keepdims=True)
     norms = ops.sqrt(ops.maximum(min_norm.quadratic_forms(gram, candidates), 0.0))
     objective = ops.matmul(candidates, mean_products) + radius * norms
-    return min_norm.lowest(candidates, objective)
+    return min_norm.lowest(candidates, objective, min_norm.among(masks, present))
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -102,13 +104,13 @@ class CAGrad(GradientWeighting):
         min_norm.check_num_tasks(len(task_names), type(self).__name__)
         super().build(task_names)
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         gram = min_norm.regularized_gram(ops.matmul(jacobian, ops.transpose(jacobian)))
-        num_tasks = ops.shape(gram)[0]
-        mean_weights = ops.full((num_tasks,), 1.0 / num_tasks, dtype=gram.dtype)
+        present = presence(present, losses)
+        mean_weights = present / ops.sum(present)
         mean_products = ops.matmul(gram, mean_weights)
         radius = self.c * ops.sqrt(ops.sum(mean_weights * mean_products))
-        conflict_weights = worst_case_weights(gram, mean_products, radius)
+        conflict_weights = worst_case_weights(gram, mean_products, radius, present)
         # The ridge makes ||g_w||^2 >= RIDGE ||w||^2 > 0 in exact arithmetic;
         # the bound is restored where float32 cancellation breaks it.
         conflict_norm = ops.sqrt(

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.base import presence
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -72,31 +73,39 @@ class FAMO(LossWeighting):
             self, shape, "logits", beta_1=self.beta_1, beta_2=self.beta_2
         )
 
-    def task_probabilities(self):
-        """Returns `softmax(xi)`, the share of each task."""
-        return ops.softmax(self.logits)
+    def task_probabilities(self, present=None):
+        """Returns `softmax(xi)`, the share of each task (of those present)."""
+        if present is None:
+            return ops.softmax(self.logits)
+        shares = present * ops.exp(self.logits - ops.max(self.logits))
+        return shares / ops.sum(shares)
 
     def _shifted(self, losses):
         if self.min_losses is not None:
             losses = losses - ops.convert_to_tensor(self.min_losses, losses.dtype)
         return losses + self.epsilon
 
-    def call(self, losses, training=False):
-        z = self.task_probabilities()
-        shifted = self._shifted(losses)
+    def call(self, losses, training=False, present=None):
+        present = presence(present, losses)
+        z = self.task_probabilities(present)
+        # An absent task's loss is 0; a loss of 1 there keeps the log finite.
+        shifted = ops.where(present > 0, self._shifted(losses), 1.0)
         normaliser = ops.stop_gradient(ops.sum(z / shifted))
         objective = ops.sum(z * ops.log(shifted)) / normaliser
         weights = ops.stop_gradient(z / (normaliser * shifted))
         return objective, weights
 
-    def update(self, losses_before, losses_after):
-        delta = ops.log(self._shifted(losses_before)) - ops.log(
-            self._shifted(losses_after)
-        )
-        z = self.task_probabilities()
+    def update(self, losses_before, losses_after, present=None):
+        present = presence(present, losses_before)
+
+        def log_shifted(losses):
+            return ops.log(ops.where(present > 0, self._shifted(losses), 1.0))
+
+        delta = log_shifted(losses_before) - log_shifted(losses_after)
+        z = self.task_probabilities(present)
         gradient = z * (delta - ops.sum(z * delta)) + self.gamma * self.logits
-        step = self.logits_adam.step(gradient)
-        self.logits.assign(self.logits - self.learning_rate * step)
+        step = self.logits_adam.step(present * gradient)
+        self.logits.assign(self.logits - self.learning_rate * present * step)
 
     def get_config(self):
         return {

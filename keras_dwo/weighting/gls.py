@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.base import presence
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -24,7 +25,11 @@ class GLS(LossWeighting):
           Learning", CVPR Workshops 2019.
     """
 
-    def call(self, losses, training=False):
-        objective = ops.exp(ops.mean(ops.log(losses)))
-        weights = ops.stop_gradient(objective / (self.num_tasks * losses))
+    def call(self, losses, training=False, present=None):
+        present = presence(present, losses)
+        # The geometric mean of the losses present.
+        losses = ops.where(present > 0, losses, 1.0)
+        count = ops.maximum(ops.sum(present), 1.0)
+        objective = ops.exp(ops.sum(present * ops.log(losses)) / count)
+        weights = ops.stop_gradient(present * objective / (count * losses))
         return objective, weights

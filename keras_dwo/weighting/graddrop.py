@@ -54,8 +54,9 @@ class GradDrop(RandomState, GradientWeighting):
         self.leak = float(leak)
         self.seed = seed
 
-    def aggregate(self, jacobian, losses, training=True):
-        del losses
+    def aggregate(self, jacobian, losses, training=True, present=None):
+        # An absent task's zero row adds nothing to the sign purity.
+        del losses, present
         magnitudes = ops.abs(jacobian)
         # Sums over tasks as products with a row of ones: XLA on CPU reduces
         # the leading axis of a wide matrix some 50 times slower.

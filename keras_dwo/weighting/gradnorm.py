@@ -6,6 +6,7 @@ from keras import ops
 from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import linear_objective
+from keras_dwo.weighting.base import presence
 
 # Adam can step a weight below zero; the floor keeps every task in the
 # objective so that its gradient norm, and with it its weight, can recover.
@@ -78,46 +79,59 @@ class GradNorm(GradientWeighting):
             shape=shape, initializer="zeros", trainable=False, name="initial_losses"
         )
         self.initial_losses_recorded = self.add_weight(
-            shape=(),
+            shape=shape,
             initializer="zeros",
             trainable=False,
             name="initial_losses_recorded",
         )
         self.loss_weights_adam = AdamMoments(self, shape, "loss_weights")
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        del present
         return linear_objective(self.loss_weights, losses)
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         # A copy: the update below may assign the variable in place.
         weights = ops.copy(self.loss_weights.value)
         direction = ops.matmul(weights, jacobian)
         if training:
-            self._update_loss_weights(jacobian, losses)
+            self._update_loss_weights(jacobian, losses, presence(present, losses))
         return direction, weights
 
-    def _update_loss_weights(self, jacobian, losses):
+    def _update_loss_weights(self, jacobian, losses, present):
+        # L_i(0) is a task's loss in the first step that has its labels.
         recorded = self.initial_losses_recorded > 0
         initial_losses = ops.where(
             recorded, ops.convert_to_tensor(self.initial_losses), losses
         )
         self.initial_losses.assign(initial_losses)
-        self.initial_losses_recorded.assign(ops.ones(()))
+        self.initial_losses_recorded.assign(
+            ops.maximum(self.initial_losses_recorded, present)
+        )
+
+        def mean_present(values):
+            return ops.sum(present * values) / ops.sum(present)
 
         gradient_norms = ops.sqrt(ops.sum(ops.square(jacobian), axis=1))
         weighted_norms = self.loss_weights * gradient_norms
         loss_ratios = ops.divide_no_nan(losses, initial_losses)
         # Negative losses (log-likelihoods) have no training rate; clamping
         # keeps the fractional power real.
-        rates = ops.maximum(ops.divide_no_nan(loss_ratios, ops.mean(loss_ratios)), 0.0)
-        target_norms = ops.mean(weighted_norms) * ops.power(rates, self.alpha)
-        gradient = ops.sign(weighted_norms - target_norms) * gradient_norms
+        rates = ops.maximum(
+            ops.divide_no_nan(loss_ratios, mean_present(loss_ratios)), 0.0
+        )
+        target_norms = mean_present(weighted_norms) * ops.power(rates, self.alpha)
+        gradient = present * ops.sign(weighted_norms - target_norms) * gradient_norms
 
         step = self.loss_weights_adam.step(gradient)
-        weights = ops.maximum(
+        updated = ops.maximum(
             self.loss_weights - self.learning_rate * step, MIN_LOSS_WEIGHT
         )
-        self.loss_weights.assign(weights * (self.num_tasks / ops.sum(weights)))
+        # The weights present are renormalised so that all still sum to T;
+        # an absent task keeps its weight.
+        kept = (1.0 - present) * self.loss_weights
+        scale = (self.num_tasks - ops.sum(kept)) / ops.sum(present * updated)
+        self.loss_weights.assign(kept + present * updated * scale)
 
     def get_config(self):
         return {

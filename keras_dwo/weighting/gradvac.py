@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.random_state import RandomState
 
 # The correction divides by sqrt(1 - target^2); bounding the target keeps the
@@ -74,8 +75,8 @@ class GradVac(RandomState, GradientWeighting):
             name="target_cosines",
         )
 
-    def aggregate(self, jacobian, losses, training=True):
-        del losses
+    def aggregate(self, jacobian, losses, training=True, present=None):
+        present = presence(present, losses)
         num_tasks = self.num_tasks
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
@@ -112,7 +113,11 @@ class GradVac(RandomState, GradientWeighting):
                 scale = ops.where(cosine < bounded, scale, 0.0)
                 coefficients = coefficients + scale * other
                 inner_products = inner_products + scale * ops.matmul(other, gram)
-                row_targets = row_targets + other * self.beta * (cosine - target)
+                # Only pairs of tasks present update their target.
+                paired = present[i] * ops.sum(other * present)
+                row_targets = row_targets + paired * other * self.beta * (
+                    cosine - target
+                )
             corrected.append(coefficients)
             new_targets.append(row_targets)
         if training:

@@ -42,9 +42,11 @@ class IMTLG(GradientWeighting):
 
     allows_representation = True
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
+        # An absent task's row is zero, so it drops out with the others.
+        del present
         nonzero = norms > 0
         safe_norms = ops.where(nonzero, norms, 1.0)
         # G w = c n is, for v = D^(1/2) w, the system C v = c 1 with the

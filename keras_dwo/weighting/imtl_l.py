@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.base import presence
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -31,6 +32,7 @@ class IMTLL(LossWeighting):
             shape=(len(task_names),), initializer="zeros", name="loss_scales"
         )
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        present = presence(present, losses)
         scales = ops.exp(self.loss_scales)
-        return ops.sum(scales * losses - self.loss_scales), scales
+        return ops.sum(present * (scales * losses - self.loss_scales)), present * scales

@@ -80,11 +80,11 @@ class MGDA(GradientWeighting):
         }[self.normalization]
         return ops.where(normalizers > 0, normalizers, ops.ones_like(normalizers))
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         inverse = 1.0 / self._normalizers(gram, losses)
         normalized_gram = gram * inverse[:, None] * inverse[None, :]
-        weights = min_norm.simplex_min_norm(normalized_gram) * inverse
+        weights = min_norm.simplex_min_norm(normalized_gram, present=present) * inverse
         return ops.matmul(weights, jacobian), weights
 
     def get_config(self):

@@ -73,6 +73,21 @@ def subsets(num_tasks, include_empty=False):
     return ops.cast(indicators, "float32")
 
 
+def among(masks, present):
+    """Returns which subsets hold only tasks marked present.
+
+    Args:
+        masks: `(K, T)` subset indicators.
+        present: None (every task is present) or a `(T,)` 0/1 mask.
+
+    Returns:
+        A `(K,)` boolean tensor, or None where `present` is None.
+    """
+    if present is None:
+        return None
+    return ops.all(masks <= ops.cast(present, masks.dtype)[None, :], axis=1)
+
+
 def face_solve(gram, masks, rhs):
     """Solves `G_SS x_S = rhs_S` for every subset S, with `x = 0` off S.
 
@@ -92,12 +107,13 @@ def face_solve(gram, masks, rhs):
     return ops.solve(inside * gram + outside, rhs * masks[:, :, None])
 
 
-def lowest(candidates, objective):
+def lowest(candidates, objective, allowed=None):
     """Returns the candidate with the lowest objective along the first axis.
 
     Args:
         candidates: `(K, ..., T)` candidates.
         objective: `(K, ...)` their objective values.
+        allowed: Optional `(K,)` boolean: the candidates that may win.
 
     Returns:
         The `(..., T)` winners, among the candidates that are finite.
@@ -107,6 +123,9 @@ def lowest(candidates, objective):
     usable = ops.logical_and(
         ops.all(ops.isfinite(candidates), axis=-1), ops.isfinite(objective)
     )
+    if allowed is not None:
+        allowed = ops.reshape(allowed, (-1,) + (1,) * (len(usable.shape) - 1))
+        usable = ops.logical_and(usable, allowed)
     objective = ops.where(usable, objective, float("inf"))
     candidates = ops.where(usable[..., None], candidates, 0.0)
     choice = ops.one_hot(ops.argmin(objective, axis=0), ops.shape(objective)[0], axis=0)
@@ -118,7 +137,7 @@ def quadratic_forms(gram, vectors):
     return ops.sum(ops.matmul(vectors, gram) * vectors, axis=-1)
 
 
-def simplex_min_norm(gram, ridge=RIDGE):
+def simplex_min_norm(gram, ridge=RIDGE, present=None):
     """Returns the minimiser of `w^T G w` over the probability simplex.
 
     The minimum-norm point of the convex hull of the task gradients (MGDA),
@@ -127,6 +146,7 @@ def simplex_min_norm(gram, ridge=RIDGE):
     Args:
         gram: `(T, T)` Gram matrix `J J^T`.
         ridge: See `regularized_gram`.
+        present: Optional `(T,)` 0/1 mask: the simplex of the tasks marked 1.
 
     Returns:
         The `(T,)` non-negative weights, summing to 1.
@@ -139,7 +159,7 @@ def simplex_min_norm(gram, ridge=RIDGE):
     # 1^T G_SS^{-1} 1 > 0, so some entry survives the clipping; a face where
     # float32 rounding breaks this yields NaN, which `lowest` discards.
     candidates = clipped / ops.sum(clipped, axis=1, keepdims=True)
-    return lowest(candidates, quadratic_forms(gram, candidates))
+    return lowest(candidates, quadratic_forms(gram, candidates), among(masks, present))
 
 
 def lower_bounded_min_norm(gram, lower, ridge=RIDGE):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import presence
 
 RIDGE = 1e-4
 
@@ -125,7 +126,7 @@ class NashMTL(GradientWeighting):
             shape=(), initializer="zeros", trainable=False, name="steps_since_update"
         )
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         # The Frobenius norm, computed on a scaled copy whose squares cannot
         # overflow.
@@ -145,7 +146,11 @@ class NashMTL(GradientWeighting):
         scaled_alpha = bargaining_weights(
             correlations, previous_alpha * norms, self.iterations
         )
-        alpha = scaled_alpha / norms
+        # An absent task's zero row decouples from the others; its alpha is
+        # kept for the steps where it is present again.
+        alpha = ops.where(
+            presence(present, losses) > 0, scaled_alpha / norms, previous_alpha
+        )
         if self.update_every > 1:
             alpha = ops.where(
                 ops.equal(self.steps_since_update, 0.0), alpha, previous_alpha
@@ -155,10 +160,12 @@ class NashMTL(GradientWeighting):
             self.steps_since_update.assign(
                 ops.mod(self.steps_since_update + 1.0, self.update_every)
             )
-        weights = alpha
+        weights = presence(present, losses) * alpha
         if self.max_norm > 0:
-            norm = ops.sqrt(ops.maximum(ops.sum(alpha * ops.matmul(gram, alpha)), 0.0))
-            weights = alpha * ops.minimum(1.0, self.max_norm / (norm + 1e-6))
+            norm = ops.sqrt(
+                ops.maximum(ops.sum(weights * ops.matmul(gram, weights)), 0.0)
+            )
+            weights = weights * ops.minimum(1.0, self.max_norm / (norm + 1e-6))
         return ops.matmul(weights, jacobian), weights
 
     def get_config(self):

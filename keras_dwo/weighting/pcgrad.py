@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.random_state import RandomState
 
 
@@ -47,8 +48,9 @@ class PCGrad(RandomState, GradientWeighting):
         super().__init__(**kwargs)
         self.seed = seed
 
-    def aggregate(self, jacobian, losses, training=True):
-        del losses
+    def aggregate(self, jacobian, losses, training=True, present=None):
+        # An absent task's zero row conflicts with none, so nothing is
+        # projected on it; its coefficient is reported as 0.
         num_tasks = self.num_tasks
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         squared_norms = ops.diagonal(gram)
@@ -66,7 +68,7 @@ class PCGrad(RandomState, GradientWeighting):
                 coefficients = coefficients - ops.where(inner < 0, scale, 0.0) * other
             projected.append(coefficients)
         weights = ops.sum(ops.stack(projected), axis=0)
-        return ops.matmul(weights, jacobian), weights
+        return ops.matmul(weights, jacobian), presence(present, losses) * weights
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import linear_objective
+from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.random_state import RandomState
 
 
@@ -31,15 +32,17 @@ class RLW(RandomState, LossWeighting):
         super().__init__(**kwargs)
         self.seed = seed
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        present = presence(present, losses)
         if training:
             logits = keras.random.normal(
                 (self.num_tasks,), seed=self.seed_generator, dtype=losses.dtype
             )
-            weights = ops.softmax(logits)
+            # The softmax over the tasks present.
+            weights = present * ops.exp(logits - ops.max(logits))
         else:
-            weights = ops.full((self.num_tasks,), 1.0 / self.num_tasks, losses.dtype)
-        return linear_objective(weights, losses)
+            weights = present
+        return linear_objective(weights / ops.sum(weights), losses)
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

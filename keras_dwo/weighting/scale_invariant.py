@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import LossWeighting
+from keras_dwo.weighting.base import presence
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -28,9 +29,13 @@ class ScaleInvariant(LossWeighting):
         super().__init__(**kwargs)
         self.epsilon = float(epsilon)
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        present = presence(present, losses)
         shifted = losses + self.epsilon
-        return ops.sum(ops.log(shifted)), ops.stop_gradient(1.0 / shifted)
+        return (
+            ops.sum(present * ops.log(shifted)),
+            ops.stop_gradient(present / shifted),
+        )
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

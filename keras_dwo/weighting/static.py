@@ -42,7 +42,9 @@ class Static(LossWeighting):
                 f"{len(task_names)} tasks {tuple(task_names)}."
             )
 
-    def call(self, losses, training=False):
+    def call(self, losses, training=False, present=None):
+        # An absent task's loss is 0 and has no gradient: the sum ignores it.
+        del present
         if self.fixed_weights is None:
             return ops.sum(losses), ops.ones_like(losses)
         weights = ops.convert_to_tensor(self.fixed_weights, dtype=losses.dtype)

@@ -65,8 +65,8 @@ class Uncertainty(LossWeighting):
             name="uncertainty",
         )
 
-    def call(self, losses, training=False):
-        return self.uncertainty.objective_and_precisions(losses)
+    def call(self, losses, training=False, present=None):
+        return self.uncertainty.objective_and_precisions(losses, present)
 
     def get_config(self):
         return {

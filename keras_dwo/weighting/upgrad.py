@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.base import presence
 
 # TorchJD's default regularisation of the normalised Gram matrix.
 RIDGE = 1e-4
@@ -40,11 +41,14 @@ class UPGrad(GradientWeighting):
         min_norm.check_num_tasks(len(task_names), type(self).__name__)
         super().build(task_names)
 
-    def aggregate(self, jacobian, losses, training=True):
+    def aggregate(self, jacobian, losses, training=True, present=None):
         gram = ops.matmul(jacobian, ops.transpose(jacobian))
         num_tasks = ops.shape(gram)[0]
         dual_weights = min_norm.lower_bounded_min_norm(
             gram, ops.eye(num_tasks, dtype=gram.dtype), ridge=RIDGE
         )
-        weights = ops.mean(dual_weights, axis=0)
+        # The mean of the projections of the gradients present; an absent
+        # task's zero row is orthogonal to all, so it is 0 in the others'.
+        present = presence(present, losses)
+        weights = ops.matmul(present, dual_weights) / ops.sum(present)
         return ops.matmul(weights, jacobian), weights
