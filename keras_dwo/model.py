@@ -1,92 +1,21 @@
-"""DynamicWeightedModel: a functional multi-task model with dynamic weighting."""
+"""DynamicWeightedModel: a multi-task Keras model with dynamic loss weighting."""
 
-import dataclasses
 import inspect
 import math
+import warnings
 
 import keras
 from keras import ops
+from keras.src.models import model as keras_model_module
+from keras.src.models.functional import Functional
+from keras.src.trainers.data_adapters import get_data_adapter
 
-from keras_dwo import task_graph
+from keras_dwo import gradient_plan as plans
+from keras_dwo import tasks
 from keras_dwo import weighting as weighting_module
 from keras_dwo.task_tracker import TaskTracker
+from keras_dwo.task_weights import validated_task_weights
 from keras_dwo.trainers import Trainer
-
-
-def _output_task_names(outputs):
-    if isinstance(outputs, dict):
-        names = [str(name) for name in outputs]
-        leaves = list(outputs.values())
-    elif isinstance(outputs, (list, tuple)):
-        leaves = list(outputs)
-        names = [output._keras_history.operation.name for output in leaves]
-    else:
-        leaves, names = [outputs], []
-    if any(isinstance(leaf, (dict, list, tuple)) for leaf in leaves):
-        raise ValueError(
-            "Each task must be a single output tensor; received nested outputs."
-        )
-    if len(leaves) < 2:
-        raise ValueError(
-            "DynamicWeightedModel needs at least two tasks (outputs); received "
-            f"{len(leaves)}. Use a plain keras.Model for a single task."
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"Task names must be unique; received {names}.")
-    return tuple(names)
-
-
-class _FunctionLoss(keras.losses.Loss):
-    """A loss function as a `keras.losses.Loss`, so it takes `sample_weight`."""
-
-    def __init__(self, function):
-        super().__init__(name=getattr(function, "__name__", None))
-        self.function = function
-
-    def call(self, y_true, y_pred):
-        return self.function(y_true, y_pred)
-
-
-def _resolve_loss(identifier, task):
-    loss = keras.losses.get(identifier)
-    if loss is None:
-        raise ValueError(f"Task {task!r} has no loss; received {identifier!r}.")
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    if callable(loss):
-        return _FunctionLoss(loss)
-    raise ValueError(f"Could not interpret the loss of task {task!r}: {loss!r}.")
-
-
-@dataclasses.dataclass
-class GradientPlan:
-    """Where a gradient-level step takes its per-task gradients.
-
-    Attributes:
-        shared_indices: Positions in `model.trainable_variables` of the
-            shared variables.
-        other_indices: Positions of the other (task-specific) variables.
-        trunk: With `wrt="representation"`, a model from the inputs to the
-            shared representation, sharing the layers; else None.
-        heads: With `wrt="representation"`, a model from the shared
-            representation to the outputs (a list in task order); else None.
-    """
-
-    shared_indices: list
-    other_indices: list
-    trunk: keras.Model | None = None
-    heads: keras.Model | None = None
-
-
-def _presence(label_counts):
-    """Returns `{"present": (T,) 0/1 mask of the tasks with labels}` or `{}`.
-
-    Without partial labels nothing is passed, so methods written before the
-    `present` argument keep working.
-    """
-    if label_counts is None:
-        return {}
-    return {"present": ops.cast(label_counts > 0, "float32")}
 
 
 def _check_takes_presence(method):
@@ -102,45 +31,91 @@ def _check_takes_presence(method):
             )
 
 
+def _first_batch(x, y, sample_weight):
+    """Returns `(x, y, sample_weight)` of a first batch, or None if unsafe.
+
+    A Python generator cannot be read ahead without losing that batch for
+    training, so it yields None.
+    """
+    if inspect.isgenerator(x):
+        return None
+    adapter = get_data_adapter(x, y, sample_weight, batch_size=2, shuffle=False)
+    batch = next(iter(adapter.get_numpy_iterator()), None)
+    if batch is None:
+        return ((), None, None)
+    return keras.utils.unpack_x_y_sample_weight(batch)
+
+
+def _is_arrays(x):
+    leaves = keras.tree.flatten(x)
+    return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
+
+
+def _batch_size(x):
+    leaves = [leaf for leaf in keras.tree.flatten(x) if leaf is not None]
+    return int(leaves[0].shape[0]) if leaves and leaves[0].shape else 0
+
+
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class DynamicWeightedModel(Trainer, keras.Model):
-    """A multi-output functional model whose task losses are weighted while it trains.
+    """A multi-task Keras model whose task losses are weighted while it trains.
 
-    Build it like a functional `keras.Model`; each output is a task. Compile
-    it with one loss per task and train it with `fit` as usual: at every step
-    the per-task losses are multiplied by `task_weights` and combined by the
-    `weighting` method. The logs carry `<task>_loss` (the unweighted loss),
-    `<task>_weight` (the derivative of the objective with respect to that task
-    loss in the last step) and `loss` (the objective that was minimised).
+    Each output is a task. Build the model in any of the ways Keras offers:
+
+    - the functional API: `DynamicWeightedModel(inputs, outputs, ...)`, with
+      the outputs a dict (its keys are the task names) or a list (the output
+      layers' names);
+    - subclassing: `class MyModel(DynamicWeightedModel)` with layers in
+      `__init__` and a `call` that returns a dict of task outputs (task names
+      are its keys) or a list (named by `task_names=`);
+    - `DynamicWeightedModel.from_model(model)` for an existing multi-output
+      model (functional, Sequential parts, subclassed, a backbone with
+      heads), sharing its layers and weights.
+
+    Compile it with one loss per task (or one loss for every task) and train
+    it with `fit` as usual: at every step the per-task losses are multiplied
+    by `task_weights` and combined by the `weighting` method. The logs carry
+    `<task>_loss` (the unweighted loss), `<task>_weight` (the weight of that
+    task in the last step), `skipped_steps` (the steps of the epoch that were
+    not applied) and `loss` (the objective that was minimised).
 
     With a gradient-level method (MGDA, PCGrad, UPGrad...), every step takes
     the gradient of each weighted task loss `task_weights[i] * L_i` with
-    respect to the shared variables (those of the layers that feed two or
-    more outputs, or the layers named in `shared`) and lets the method
-    combine these rows into the direction that the optimizer applies to
-    them. Each task's own variables get the gradient of its weighted loss
-    (times the method's coefficient for methods whose weights are loss
-    weights, such as GradNorm). There `<task>_weight` is the coefficient of
-    the task's loss gradient in the direction taken, and `loss` is the
-    weighted sum of the task losses plus regularization.
+    respect to the shared variables and lets the method combine these rows
+    into the direction that the optimizer applies to them. The shared
+    variables are those of the layers that feed two or more outputs in the
+    model's graph (a subclassed model's `call` is traced on symbolic inputs
+    to find it), or those named in `shared`. Each task's own variables get
+    the gradient of its weighted loss (times the method's coefficient for
+    methods whose weights are loss weights, such as GradNorm). When no shared
+    variable is trainable (a frozen backbone), the step trains each task's
+    variables on its weighted loss and a warning says so; after unfreezing,
+    `compile` again and the method combines the backbone's task gradients.
 
-    A step in which any task loss is NaN or infinite changes nothing: the
-    parameters, the optimizer state and the weighting state keep their values
-    (layers that update statistics in their forward pass, such as batch
-    normalization, still do), while the logs carry the non-finite loss so that
+    A step is applied only if the task losses, the objective, every gradient
+    and the method's new state are finite and the task weights are finite
+    and non-negative. Otherwise nothing changes: the parameters, the
+    optimizer state and the weighting state keep their values (a
+    `LossScaleOptimizer` lowers its loss scale, as it does for a plain
+    model; layers that update statistics in their forward pass, such as
+    batch normalization, still do on TensorFlow and torch), the step counts
+    in `skipped_steps`, and the logs carry a non-finite loss so that
     `keras.callbacks.TerminateOnNaN` can stop training.
 
     Args:
-        inputs: The model's inputs, as for a functional `keras.Model`.
-        outputs: The tasks: a dict (its keys are the task names) or a list of
-            output tensors (task names are the output layers' names). At least
-            two.
+        inputs: The model's inputs, for the functional API.
+        outputs: The tasks, for the functional API: a dict (its keys are the
+            task names) or a list of output tensors (task names are the
+            output layers' names). At least two.
         weighting: The weighting method: a string identifier (see
             `keras_dwo.weighting.IDENTIFIERS`), a serialized method dict, or a
             `keras_dwo.weighting` instance not used by another model.
-        shared: Optional names of the layers whose variables the tasks share,
-            for gradient-level methods with `wrt="parameters"`; by default
-            the layers that feed two or more outputs.
+        task_names: For a subclassed model whose `call` returns a list, the
+            task names in output order. By default a subclassed model's task
+            names are the keys of the dict its `call` returns.
+        shared: Optional layers, layer names or variables that the tasks
+            share, for gradient-level methods with `wrt="parameters"`; by
+            default the layers that feed two or more outputs.
         missing_label: Optional target value that marks a missing label
             (such as `float("nan")` or `-1`), for data where a sample may lack
             the target of some tasks. A sample lacks a task's label where any
@@ -169,30 +144,62 @@ class DynamicWeightedModel(Trainer, keras.Model):
         loss={"species": "sparse_categorical_crossentropy", "mass": "mse"})
     history = model.fit(x, {"species": y_cls, "mass": y_reg}, epochs=50)
     history.history["mass_weight"]
+
+
+    class TwoHeads(keras_dwo.DynamicWeightedModel):
+        def __init__(self, **kwargs):
+            super().__init__(weighting="upgrad", **kwargs)
+            self.trunk = keras.layers.Dense(64, activation="relu")
+            self.species = keras.layers.Dense(3, activation="softmax")
+            self.mass = keras.layers.Dense(1)
+
+        def call(self, x):
+            h = self.trunk(x)
+            return {"species": self.species(h), "mass": self.mass(h)}
     ```
     """
 
+    def __new__(cls, *args, **kwargs):
+        # As `keras.Model` does: the functional API gives a functional class,
+        # without rewriting this class's bases (which would break subclasses).
+        if cls is DynamicWeightedModel and keras_model_module.functional_init_arguments(
+            args, kwargs
+        ):
+            return super().__new__(FunctionalDynamicWeightedModel)
+        return super().__new__(cls)
+
     def __init__(
         self,
-        inputs,
-        outputs,
+        inputs=None,
+        outputs=None,
         weighting="equal",
+        task_names=None,
         shared=None,
         missing_label=None,
         **kwargs,
     ):
-        task_names = _output_task_names(outputs)
-        super().__init__(inputs, outputs, **kwargs)
-        self.task_names = task_names
+        if inputs is not None or outputs is not None:
+            if not isinstance(self, Functional):
+                raise ValueError(
+                    "A subclass of DynamicWeightedModel builds its layers in "
+                    "`__init__` and returns the task outputs from `call`; "
+                    "pass no `inputs` and `outputs` to its constructor."
+                )
+            names = tasks.output_task_names(outputs)
+            if task_names is not None and tuple(task_names) != names:
+                raise ValueError(
+                    f"`task_names` {list(task_names)} differ from the names of "
+                    f"the outputs {list(names)}; name the outputs instead."
+                )
+            keras_model_module.Trainer.__init__(self)
+            Functional.__init__(self, inputs, outputs, **kwargs)
+            task_names = names
+        else:
+            keras.Model.__init__(self, **kwargs)
         self.missing_label = None if missing_label is None else float(missing_label)
-        if shared is not None:
-            shared = [
-                layer.name if isinstance(layer, keras.layers.Layer) else str(layer)
-                for layer in shared
-            ]
-            task_graph.shared_layers(self, [], shared)
-        self.shared = shared
-        self._gradient_plan = None
+        self.shared = plans.shared_names(shared)
+        if self.shared is not None and isinstance(self, Functional):
+            plans.named_variables(self, self.shared)
         method = weighting_module.get(weighting)
         if method.task_names is not None:
             raise ValueError(
@@ -201,8 +208,26 @@ class DynamicWeightedModel(Trainer, keras.Model):
             )
         if self.missing_label is not None:
             _check_takes_presence(method)
-        method.build(task_names)
         self.weighting = method
+        self.task_names = None
+        self.loss_functions = None
+        self._gradient_plan = None
+        self._graph = None
+        self._returns_dict = task_names is None
+        if task_names is not None:
+            self._set_tasks(task_names)
+
+    def _set_tasks(self, task_names):
+        """Creates the per-task state: task weights, method state and logs."""
+        task_names = tasks.checked_task_names(task_names)
+        if self.task_names is not None:
+            if task_names != self.task_names:
+                raise ValueError(
+                    f"The model's tasks are {self.task_names}; received {task_names}."
+                )
+            return
+        self.task_names = task_names
+        self.weighting.build(task_names)
         num_tasks = len(task_names)
         self.task_weights = keras.Variable(
             ops.ones((num_tasks,)), trainable=False, name="task_weights"
@@ -211,85 +236,85 @@ class DynamicWeightedModel(Trainer, keras.Model):
             ops.zeros((2, num_tasks)), trainable=False, name="task_loss_history"
         )
         self.task_tracker = TaskTracker(task_names)
-        self.loss_functions = None
+
+    @property
+    def _dict_outputs(self):
+        if isinstance(self, Functional):
+            return isinstance(self._outputs_struct, dict)
+        return self._returns_dict
 
     @classmethod
-    def from_model(cls, model, weighting="equal", shared=None, missing_label=None):
-        """Wraps a functional multi-output model, sharing its layers and weights.
+    def from_model(
+        cls, model, weighting="equal", shared=None, missing_label=None, input_spec=None
+    ):
+        """Wraps an existing multi-output model, sharing its layers and weights.
+
+        A functional model is wrapped as it is. Any other model (Sequential
+        parts, subclassed, a backbone with heads) has its `call` traced on
+        symbolic inputs, which gives a functional model over the same layers.
 
         Args:
-            model: A functional `keras.Model` with two or more outputs.
+            model: A `keras.Model` with two or more outputs (a dict or a
+                list).
             weighting: The weighting method, as for the constructor.
-            shared: Optional shared layer names, as for the constructor.
+            shared: Optional shared layers, as for the constructor.
             missing_label: Optional missing-label value, as for the
                 constructor.
+            input_spec: For a model that was never built on inputs of a known
+                shape: a batch of inputs, or `keras.KerasTensor`s with a batch
+                dimension, giving their shapes and dtypes.
 
         Returns:
             A `DynamicWeightedModel` with the same inputs, outputs and name.
         """
-        if not hasattr(model, "_outputs_struct"):
-            raise ValueError(
-                "`from_model` needs a functional keras.Model; received "
-                f"{type(model).__name__}."
-            )
-        return cls(
-            model._inputs_struct,
-            model._outputs_struct,
+        if hasattr(model, "_outputs_struct"):
+            inputs, outputs = model._inputs_struct, model._outputs_struct
+        else:
+            if input_spec is None:
+                input_spec = getattr(model, "inputs", None) or _built_input_spec(model)
+            if input_spec is None:
+                raise ValueError(
+                    f"`from_model` traces the `call` of {type(model).__name__} "
+                    "on symbolic inputs, but the model has not been built: "
+                    "call it on a batch first, or pass `input_spec=` (a batch "
+                    "of inputs)."
+                )
+            inputs, outputs = plans.trace(model, input_spec)
+        return DynamicWeightedModel(
+            inputs,
+            outputs,
             weighting=weighting,
             shared=shared,
             missing_label=missing_label,
             name=model.name,
         )
 
-    def _by_task(self, structure, what):
-        """Returns `structure` (a dict by task name or a sequence) in task order."""
-        if isinstance(structure, dict):
-            unknown = sorted(set(structure) - set(self.task_names))
-            missing = [name for name in self.task_names if name not in structure]
-            if unknown:
-                raise ValueError(
-                    f"{what} given for unknown task(s) {unknown}; the tasks "
-                    f"are {self.task_names}."
-                )
-            if missing:
-                raise ValueError(
-                    f"No {what} for task(s) {missing}; the tasks are {self.task_names}."
-                )
-            return [structure[name] for name in self.task_names]
-        if isinstance(structure, (list, tuple)) and len(structure) == len(
-            self.task_names
-        ):
-            return list(structure)
-        count = len(structure) if isinstance(structure, (list, tuple)) else 1
-        raise ValueError(
-            f"Expected one {what} per task {self.task_names}, as a dict keyed "
-            f"by task name or a list in task order; received {count}."
-        )
-
     def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, **kwargs):
-        """Configures the model for training; one loss per task.
+        """Configures the model for training.
 
         Args:
             optimizer: As for `keras.Model.compile`.
-            loss: One loss per task: a dict keyed by task name or a list in
-                task order, of loss identifiers, functions or
-                `keras.losses.Loss` instances.
+            loss: One loss for every task (an identifier, a function or a
+                `keras.losses.Loss` instance), or one per task: a dict keyed
+                by task name or a list in task order.
             loss_weights: Optional initial `task_weights`, as a dict keyed by
-                task name or a list in task order.
+                task name or a list in task order; finite and non-negative.
             **kwargs: Passed to `keras.Model.compile` (`metrics`,
                 `weighted_metrics`, `jit_compile`, `steps_per_execution`...).
         """
         if loss is None:
+            raise ValueError("`loss` is required: one loss per task, or one for all.")
+        if self.task_names is None and isinstance(loss, dict):
+            self._set_tasks(loss)
+        if self.task_names is not None:
+            self._compile_tasks(loss, loss_weights)
+        elif loss_weights is not None and not isinstance(loss_weights, dict):
             raise ValueError(
-                f"`loss` is required: one loss per task {self.task_names}."
+                "The task names are not known before the model is called, so "
+                "`loss_weights` must be a dict keyed by task name (or pass "
+                "`task_names=` to the constructor)."
             )
-        self.loss_functions = [
-            _resolve_loss(identifier, task)
-            for task, identifier in zip(self.task_names, self._by_task(loss, "loss"))
-        ]
-        if loss_weights is not None:
-            initial = [float(w) for w in self._by_task(loss_weights, "loss weight")]
-            self.task_weights.assign(initial)
+        self._pending_compile = (loss, loss_weights)
         self._gradient_plan = None
         if self.missing_label is not None and kwargs.get("metrics") is not None:
             # Unweighted metrics would count the samples without a label.
@@ -303,78 +328,129 @@ class DynamicWeightedModel(Trainer, keras.Model):
         super().compile(optimizer=optimizer, loss=None, **kwargs)
         self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
 
+    def _compile_tasks(self, loss, loss_weights):
+        self.loss_functions = tasks.resolve_losses(loss, self.task_names)
+        if loss_weights is not None:
+            weights = tasks.by_task(loss_weights, self.task_names, "loss weight")
+            self.task_weights.assign(validated_task_weights(weights, self.task_names))
+
     def compile_from_config(self, config):
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def _check_targets(self, y, sample_weight=None):
-        # Checked before Keras starts an epoch: the JAX trainer releases the
-        # variables' buffers for the epoch, and an error raised from inside
-        # the step would leave the model without them.
-        if y is not None:
-            self._by_task(y, "target")
-        if isinstance(sample_weight, (dict, list, tuple)):
-            self._by_task(sample_weight, "sample weight")
+    def get_build_config(self):
+        config = super().get_build_config()
+        if config is not None and not isinstance(self, Functional):
+            config["task_names"] = list(self.task_names or ())
+        return config
+
+    def build_from_config(self, config):
+        if config.get("task_names"):
+            self._set_tasks(config["task_names"])
+        super().build_from_config(config)
+
+    def _prepare(self, x, y, sample_weight, training):
+        """Checks the data and plans the step before Keras starts an epoch.
+
+        The JAX trainer releases the variables' buffers for the epoch, and an
+        error raised from inside the step would leave the model without them,
+        so every check that can run here does.
+        """
+        if not self.compiled:
+            raise ValueError("You must call `compile()` before using the model.")
+        batch = None
+        needs_plan = training and self.weighting.needs_task_gradients
+        if self.task_names is None or (
+            needs_plan and self._graph is None and not isinstance(self, Functional)
+        ):
+            batch = _first_batch(x, y, sample_weight)
+            if batch is None:
+                raise ValueError(
+                    "A subclassed DynamicWeightedModel reads its task names and "
+                    "shared layers from a first batch, but the data is a Python "
+                    "generator, which cannot be read ahead. Call the model on "
+                    "a batch first, or wrap the generator in a "
+                    "keras.utils.PyDataset."
+                )
+            if _batch_size(batch[0]) == 0:
+                raise ValueError("The data holds no samples.")
+            self._discover_tasks(batch[0])
+        elif _is_arrays(x) and _batch_size(x) == 0:
+            raise ValueError("The data holds no samples.")
+        if self.loss_functions is None:
+            self._compile_tasks(*self._pending_compile)
+        validated_task_weights(ops.convert_to_numpy(self.task_weights), self.task_names)
+        self._check_targets(y, sample_weight)
+        if needs_plan:
+            self.gradient_plan()
+
+    def _discover_tasks(self, x):
+        """Reads the task structure of a subclassed model from its `call`."""
+        try:
+            self._graph = plans.trace(self, x)
+            outputs = self._graph[1]
+        except Exception as error:  # noqa: BLE001 - any op may refuse symbols
+            self._graph = None
+            warnings.warn(
+                f"The `call` of {type(self).__name__} could not be traced on "
+                f"symbolic inputs ({type(error).__name__}: {error}); the task "
+                "structure is read from an eager call instead, and "
+                "gradient-level methods need `shared=`.",
+                stacklevel=3,
+            )
+            outputs = self(x, training=False)
+        self._returns_dict = isinstance(outputs, dict)
+        if self._returns_dict:
+            names = list(outputs)
+        elif self.task_names is not None:
+            names = self.task_names
+        else:
+            raise ValueError(
+                f"The `call` of {type(self).__name__} returns a "
+                f"{type(outputs).__name__}; name its tasks with `task_names=` "
+                "or return a dict keyed by task name."
+            )
+        self._set_tasks(names)
+        if self._graph is not None:
+            traced = self._graph[1]
+            if isinstance(traced, dict):
+                traced = [traced[name] for name in names]
+            self._graph = (self._graph[0], list(traced))
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        self._check_targets(y, kwargs.get("sample_weight"))
+        self._prepare(x, y, kwargs.get("sample_weight"), training=True)
         validation_data = kwargs.get("validation_data")
         if isinstance(validation_data, (list, tuple)) and len(validation_data) > 1:
             self._check_targets(*validation_data[1:3])
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_targets(y, kwargs.get("sample_weight"))
+        self._prepare(x, y, kwargs.get("sample_weight"), training=False)
         return super().evaluate(x, y, *args, **kwargs)
 
     def train_on_batch(self, x, y=None, sample_weight=None, *args, **kwargs):
-        self._check_targets(y, sample_weight)
+        self._prepare(x, y, sample_weight, training=True)
         return super().train_on_batch(x, y, sample_weight, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, sample_weight=None, *args, **kwargs):
-        self._check_targets(y, sample_weight)
+        self._prepare(x, y, sample_weight, training=False)
         return super().test_on_batch(x, y, sample_weight, *args, **kwargs)
 
+    def _check_targets(self, y, sample_weight=None):
+        if y is not None:
+            tasks.by_task(y, self.task_names, "target", self._dict_outputs)
+        if isinstance(sample_weight, (dict, list, tuple)):
+            tasks.task_sample_weights(
+                sample_weight, self.task_names, self._dict_outputs
+            )
+
     def _task_sample_weights(self, sample_weight):
-        if sample_weight is None or not isinstance(sample_weight, (dict, list, tuple)):
-            return [sample_weight] * len(self.task_names)
-        return self._by_task(sample_weight, "sample weight")
+        return tasks.task_sample_weights(sample_weight, self.task_names)
 
-    def _labelled(self, y, sample_weight):
-        """Returns per task `(target, sample_weight, count)` for partial labels.
-
-        Missing targets are replaced by 0, so that the loss of a sample
-        without a label stays finite before its weight of 0 removes it;
-        `count` is the number of samples with a label.
-        """
-        labelled = []
-        for target, weight in zip(
-            self._by_task(y, "target"), self._task_sample_weights(sample_weight)
-        ):
-            target = ops.convert_to_tensor(target)
-            if math.isnan(self.missing_label):
-                missing = (
-                    ops.isnan(target)
-                    if keras.backend.is_float_dtype(target.dtype)
-                    else ops.zeros_like(target, dtype="bool")
-                )
-            else:
-                missing = ops.equal(target, ops.cast(self.missing_label, target.dtype))
-            target = ops.where(missing, ops.zeros_like(target), target)
-            if len(missing.shape) > 1:
-                missing = ops.any(
-                    ops.reshape(missing, (ops.shape(missing)[0], -1)), axis=1
-                )
-            present = 1.0 - ops.cast(missing, "float32")
-            if weight is not None:
-                present = present * ops.cast(
-                    ops.reshape(weight, ops.shape(present)), "float32"
-                )
-            count = ops.sum(ops.cast(present != 0, "float32"))
-            labelled.append((target, present, count))
-        return labelled
+    def _by_task(self, structure, what):
+        return tasks.by_task(structure, self.task_names, what)
 
     def count_task_labels(self, y, sample_weight=None):
         """Returns each task's number of labelled samples in the batch.
@@ -384,40 +460,31 @@ class DynamicWeightedModel(Trainer, keras.Model):
         """
         if self.missing_label is None:
             return None
-        return ops.stack([count for _, _, count in self._labelled(y, sample_weight)])
+        labelled = tasks.labelled(
+            self._by_task(y, "target"),
+            self._task_sample_weights(sample_weight),
+            self.missing_label,
+        )
+        return ops.stack([count for _, _, count in labelled])
 
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
-        predictions = self._by_task(y_pred, "output")
-        if self.missing_label is None:
-            return ops.stack(
-                [
-                    ops.cast(loss(target, prediction, weight), "float32")
-                    for loss, target, prediction, weight in zip(
-                        self.loss_functions,
-                        self._by_task(y, "target"),
-                        predictions,
-                        self._task_sample_weights(sample_weight),
-                    )
-                ]
-            )
-        task_losses = []
-        for loss, prediction, (target, weight, count) in zip(
-            self.loss_functions, predictions, self._labelled(y, sample_weight)
-        ):
-            value = ops.cast(loss(target, prediction, weight), "float32")
-            if loss.reduction in ("sum_over_batch_size", "mean"):
-                # From the mean over the batch to the mean over the samples
-                # that have this task's label.
-                batch_size = ops.cast(ops.shape(weight)[0], "float32")
-                value = value * ops.divide_no_nan(batch_size, count)
-            task_losses.append(value)
-        return ops.stack(task_losses)
+        return tasks.task_losses(
+            self.loss_functions,
+            self._by_task(y, "target"),
+            self._by_task(y_pred, "output"),
+            self._task_sample_weights(sample_weight),
+            self.missing_label,
+        )
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self.missing_label is None or y is None:
             return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        labelled = self._labelled(y, sample_weight)
+        labelled = tasks.labelled(
+            self._by_task(y, "target"),
+            self._task_sample_weights(sample_weight),
+            self.missing_label,
+        )
         return super().compute_metrics(
             x,
             self.outputs_like_model([target for target, _, _ in labelled]),
@@ -442,7 +509,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         objective, method_weights = self.weighting.call(
             task_weights * task_losses,
             training=training,
-            **_presence(label_counts),
+            **tasks.presence_argument(label_counts),
         )
         regularization = self.regularization_loss()
         if regularization is not None:
@@ -465,40 +532,38 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def gradient_plan(self):
         """Returns the `GradientPlan` of a gradient-level method.
 
-        Found from the graph when first needed after `compile`, so a model
-        recompiled after layers were frozen or unfrozen plans anew.
+        Found when first needed after `compile` (at the start of `fit`), so a
+        model recompiled after layers were frozen or unfrozen plans anew.
         """
         if self._gradient_plan is not None:
             return self._gradient_plan
-        outputs = self._by_task(self._outputs_struct, "output")
-        trunk = heads = None
-        if self.weighting.wrt == "representation":
-            representation = task_graph.shared_representation(outputs)
-            trunk = keras.Model(self._inputs_struct, representation)
-            heads = keras.Model(representation, outputs)
-            shared_layers = [trunk]
-        else:
-            shared_layers = task_graph.shared_layers(self, outputs, self.shared)
-        shared_ids = {
-            id(variable) for layer in shared_layers for variable in layer.weights
-        }
-        shared_indices, other_indices = [], []
-        for index, variable in enumerate(self.trainable_variables):
-            is_shared = id(variable) in shared_ids
-            (shared_indices if is_shared else other_indices).append(index)
-        if not shared_indices:
-            raise ValueError(
-                f"The weighting {self.weighting.name!r} combines the gradients "
-                "of shared variables, but the tasks share no trainable "
-                "variable: no trainable layer feeds two or more outputs. Name "
-                "the shared layers with `shared=`, or use a loss-level method."
+        graph = self._graph
+        if isinstance(self, Functional):
+            graph = (
+                self._inputs_struct,
+                self._by_task(self._outputs_struct, "output"),
             )
-        self._gradient_plan = GradientPlan(shared_indices, other_indices, trunk, heads)
-        return self._gradient_plan
+        plan = plans.make_plan(self, graph, self.weighting.wrt, self.shared)
+        if not plan.shared_indices:
+            warnings.warn(
+                f"The tasks share no trainable variable (is the backbone "
+                f"frozen?), so {self.weighting.name!r} has no task gradients to "
+                "combine: each task's variables train on its weighted loss. "
+                "After making shared layers trainable, compile the model again.",
+                stacklevel=2,
+            )
+        self._gradient_plan = plan
+        return plan
+
+    def uses_task_gradients(self):
+        """Whether the step combines per-task gradients of shared variables."""
+        return self.weighting.needs_task_gradients and bool(
+            self.gradient_plan().shared_indices
+        )
 
     def outputs_like_model(self, task_outputs):
         """Returns a list of task outputs in the structure of the model's outputs."""
-        if isinstance(self._outputs_struct, dict):
+        if self._dict_outputs:
             return dict(zip(self.task_names, task_outputs))
         return list(task_outputs)
 
@@ -529,9 +594,19 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if scaled:
             loss_scale = self.optimizer.scale_loss(ops.ones((), "float32"))
             jacobian = jacobian / loss_scale
+        # A non-finite step is dropped by the guard; the method must not
+        # fail on it first (TensorFlow's solvers raise on NaN).
+        finite_jacobian = ops.where(ops.isfinite(jacobian), jacobian, 0.0)
+        finite_losses = ops.where(ops.isfinite(task_losses), task_losses, 0.0)
         direction, coefficients = self.weighting.aggregate(
-            jacobian, task_losses, training=True, **_presence(label_counts)
+            finite_jacobian,
+            finite_losses,
+            training=True,
+            **tasks.presence_argument(label_counts),
         )
+        # Poisons the direction where the Jacobian was not finite, so that
+        # the guard sees it.
+        direction = direction + 0.0 * ops.sum(jacobian)
         if scaled:
             direction = direction * loss_scale
         gradients, start = [], 0
@@ -552,10 +627,43 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     def update_weighting(self, losses_before, losses_after, label_counts=None):
         """Lets the method learn from the task losses before and after a step."""
-        self.weighting.update(losses_before, losses_after, **_presence(label_counts))
+        self.weighting.update(
+            losses_before, losses_after, **tasks.presence_argument(label_counts)
+        )
 
-    def record_step(self, objective, task_losses, weights, x, label_counts=None):
-        """Updates the `loss`, `<task>_loss` and `<task>_weight` logs.
+    def step_is_finite(self, task_losses, objective, gradients, state):
+        """Whether a training step may be applied: a scalar boolean tensor.
+
+        Args:
+            task_losses: The `(T,)` task losses.
+            objective: The scalar objective.
+            gradients: The gradients the optimizer would apply.
+            state: The weighting method's new state values.
+        """
+        task_weights = ops.convert_to_tensor(self.task_weights)
+        return ops.logical_and(
+            ops.all(task_weights >= 0),
+            self.values_are_finite(
+                [task_losses, objective, task_weights, *gradients, *state]
+            ),
+        )
+
+    @staticmethod
+    def values_are_finite(values):
+        """Whether every float tensor in `values` is finite: a boolean tensor."""
+        checks = [
+            ops.all(ops.isfinite(value))
+            for value in values
+            if keras.backend.is_float_dtype(
+                keras.backend.standardize_dtype(value.dtype)
+            )
+        ]
+        return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+
+    def record_step(
+        self, objective, task_losses, weights, x, label_counts=None, applied=True
+    ):
+        """Updates the logs: `loss`, `<task>_loss`, `<task>_weight`, `skipped_steps`.
 
         Each task's loss is averaged over its labelled samples
         (`label_counts`), or over the batch where every sample has a label.
@@ -565,9 +673,11 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self._loss_tracker.update_state(objective, sample_weight=batch_size)
         if label_counts is None:
             label_counts = ops.full(ops.shape(task_losses), batch_size)
-        self.task_tracker.update_state(task_losses, weights, label_counts)
+        self.task_tracker.update_state(task_losses, weights, label_counts, applied)
 
     def get_config(self):
+        if not isinstance(self, Functional):
+            return super().get_config()
         # The graph config of a functional model with the same inputs, outputs
         # and layers: Keras writes it only for models with its own signature.
         graph = keras.Model(self._inputs_struct, self._outputs_struct, name=self.name)
@@ -579,11 +689,32 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        if "layers" not in config:
+            return super().from_config(config, custom_objects=custom_objects)
         config = dict(config)
         weighting = config.pop("weighting", "equal")
         shared = config.pop("shared", None)
         missing_label = config.pop("missing_label", None)
         functional = keras.Model.from_config(config, custom_objects=custom_objects)
-        return cls.from_model(
+        return DynamicWeightedModel.from_model(
             functional, weighting=weighting, shared=shared, missing_label=missing_label
         )
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class FunctionalDynamicWeightedModel(DynamicWeightedModel, Functional):
+    """The class of a `DynamicWeightedModel` built with the functional API.
+
+    `DynamicWeightedModel(inputs, outputs)` returns one, as
+    `keras.Model(inputs, outputs)` returns a `Functional`; users never name
+    it.
+    """
+
+
+def _built_input_spec(model):
+    """The input shape a built subclassed model recorded, as a KerasTensor."""
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not shapes or len(shapes) != 1:
+        return None
+    (shape,) = shapes.values()
+    return keras.KerasTensor(tuple(shape))

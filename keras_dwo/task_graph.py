@@ -40,27 +40,6 @@ def shared_operations(outputs):
     return {key: operations[key] for key, count in counts.items() if count > 1}
 
 
-def shared_layers(model, outputs, names=None):
-    """Returns the layers whose variables the tasks share.
-
-    Args:
-        model: The functional model.
-        outputs: The model's output tensors, one per task.
-        names: Optional layer names chosen by the user; by default, the layers
-            that feed two or more outputs.
-    """
-    if names is None:
-        return list(shared_operations(outputs).values())
-    layer_names = {layer.name for layer in model.layers}
-    unknown = [name for name in names if name not in layer_names]
-    if unknown:
-        raise ValueError(
-            f"`shared` names unknown layer(s) {unknown}; the model's layers are "
-            f"{sorted(layer_names)}."
-        )
-    return [model.get_layer(name) for name in names]
-
-
 def shared_representation(outputs):
     """Returns the tensors that shared layers hand to task-specific layers.
 

@@ -5,11 +5,13 @@ from keras import ops
 
 
 class TaskTracker(keras.metrics.Metric):
-    """Tracks every task's mean loss and its weight in the last step.
+    """Tracks every task's mean loss, its weight in the last step and skipped steps.
 
     One metric for all tasks keeps the per-step cost to one vector update.
-    `result()` returns `{"<task>_loss": ..., "<task>_weight": ...}`, which
-    Keras merges into the logs.
+    `result()` returns `{"<task>_loss": ..., "<task>_weight": ...,
+    "skipped_steps": ...}`, which Keras merges into the logs; `skipped_steps`
+    counts the steps since the last reset (the epoch) that were not applied
+    because something in them was not finite.
 
     Args:
         task_names: Sequence of task names, in output order.
@@ -25,13 +27,21 @@ class TaskTracker(keras.metrics.Metric):
         self.last_weights = self.add_variable(
             shape, "zeros", aggregation="only_first_replica", name="last_weights"
         )
+        self.skipped_steps = self.add_variable(
+            (), "zeros", aggregation="only_first_replica", name="skipped_steps"
+        )
 
-    def update_state(self, task_losses, weights, sample_counts):
-        """Adds a step's task losses, weighted by `(T,)` sample counts."""
+    def update_state(self, task_losses, weights, sample_counts, applied=True):
+        """Adds a step's task losses, weighted by `(T,)` sample counts.
+
+        `applied` (a boolean, or a scalar boolean tensor) tells whether the
+        step was applied; a step that was not counts as skipped.
+        """
         sample_counts = ops.cast(sample_counts, self.dtype)
         self.loss_total.assign_add(ops.cast(task_losses, self.dtype) * sample_counts)
         self.count.assign_add(sample_counts)
         self.last_weights.assign(ops.cast(weights, self.dtype))
+        self.skipped_steps.assign_add(1.0 - ops.cast(applied, self.dtype))
 
     def result(self):
         losses = ops.divide_no_nan(self.loss_total, self.count)
@@ -41,6 +51,7 @@ class TaskTracker(keras.metrics.Metric):
         for index, name in enumerate(self.task_names):
             logs[f"{name}_loss"] = losses[index]
             logs[f"{name}_weight"] = weights[index]
+        logs["skipped_steps"] = ops.copy(self.skipped_steps)
         return logs
 
     def get_config(self):

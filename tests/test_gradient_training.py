@@ -92,17 +92,26 @@ def test_shared_variables_come_from_the_graph_or_from_shared():
         two_task_model("equal", shared=["nope"])
 
 
-def test_tasks_without_shared_variables_are_an_error():
-    inputs = keras.Input(shape=(6,))
-    label = keras.layers.Dense(3, activation="softmax", name="label")(inputs)
-    value = keras.layers.Dense(1, name="value")(inputs)
-    model = keras_dwo.DynamicWeightedModel(
-        inputs, {"label": label, "value": value}, weighting=summed_gradients_method()
-    )
-    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+def test_tasks_without_shared_variables_train_their_heads_with_a_warning():
+    def separate_heads(weighting):
+        inputs = keras.Input(shape=(6,))
+        label = keras.layers.Dense(3, activation="softmax", name="label")(inputs)
+        value = keras.layers.Dense(1, name="value")(inputs)
+        return keras_dwo.DynamicWeightedModel(
+            inputs, {"label": label, "value": value}, weighting=weighting
+        )
+
     x, y = two_task_data(32)
-    with pytest.raises(ValueError, match="share no trainable variable"):
+    reference = separate_heads("equal")
+    model = separate_heads(summed_gradients_method())
+    model.set_weights(reference.get_weights())
+    for each in (reference, model):
+        each.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    with pytest.warns(UserWarning, match="share no trainable variable"):
         model.train_on_batch(x, y)
+    reference.train_on_batch(x, y)
+    for trained, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_representation_needs_heads_that_read_only_the_representation():

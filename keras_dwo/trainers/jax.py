@@ -48,6 +48,11 @@ class JAXTrainer:
     so the task losses are those of one device.
     """
 
+    def _training_argument(self, training):
+        # `stateless_call` calls `call` directly, as Keras's own step does,
+        # so `training` is passed only where `call` takes it.
+        return {"training": training} if self._call_has_training_arg else {}
+
     def _stateless_objective(
         self,
         trainable_variables,
@@ -63,7 +68,7 @@ class JAXTrainer:
             non_trainable_variables,
             x,
             return_losses=True,
-            training=training,
+            **self._training_argument(training),
         )
         mapping = list(zip(self.trainable_variables, trainable_variables))
         mapping += zip(self.non_trainable_variables, non_trainable_variables)
@@ -237,7 +242,10 @@ class JAXTrainer:
         losses_before,
     ):
         y_pred, _ = self.stateless_call(
-            trainable_variables, non_trainable_variables, x, training=False
+            trainable_variables,
+            non_trainable_variables,
+            x,
+            **self._training_argument(False),
         )
         mapping = zip(self.non_trainable_variables, non_trainable_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
@@ -249,7 +257,9 @@ class JAXTrainer:
             )
         return [scope.get_current_value(v) for v in self.non_trainable_variables]
 
-    def _stateless_record(self, metrics_variables, forward, x, y, sample_weight):
+    def _stateless_record(
+        self, metrics_variables, forward, x, y, sample_weight, applied=True
+    ):
         mapping = zip(self.metrics_variables, metrics_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self.record_step(
@@ -258,6 +268,7 @@ class JAXTrainer:
                 forward.weights,
                 x,
                 self.count_task_labels(y, sample_weight),
+                applied,
             )
             logs = self.compute_metrics(x, y, forward.y_pred, sample_weight)
         return logs, [scope.get_current_value(v) for v in self.metrics_variables]
@@ -270,7 +281,7 @@ class JAXTrainer:
             metrics_variables,
         ) = state
         x, y, sample_weight = unpack_x_y_sample_weight(data)
-        if self.weighting.needs_task_gradients:
+        if self.uses_task_gradients():
             gradients, forward = self._combined_gradients(
                 trainable_variables,
                 non_trainable_variables,
@@ -289,9 +300,20 @@ class JAXTrainer:
                 True,
             )
         new_non_trainable = forward.non_trainable_variables
+        mapping = zip(self.non_trainable_variables, non_trainable_variables)
+        with keras.StatelessScope(state_mapping=mapping):
+            finite = self.step_is_finite(
+                forward.task_losses, forward.objective, gradients, new_non_trainable
+            )
+        scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if scaled:
+            # The LossScaleOptimizer skips a non-finite step itself and
+            # lowers its loss scale, as it does for a plain model.
+            gradients = [jnp.where(finite, g, jnp.nan) for g in gradients]
         new_trainable, new_optimizer = self.optimizer.stateless_apply(
             optimizer_variables, gradients, trainable_variables
         )
+        keep_state = finite
         if self.weighting.updates_after_step:
             new_non_trainable = self._stateless_weighting_update(
                 new_trainable,
@@ -301,14 +323,16 @@ class JAXTrainer:
                 sample_weight,
                 forward.task_losses,
             )
-        finite = jnp.all(jnp.isfinite(forward.task_losses))
+            keep_state = finite & self.values_are_finite(new_non_trainable)
         logs, metrics_variables = self._stateless_record(
-            metrics_variables, forward, x, y, sample_weight
+            metrics_variables, forward, x, y, sample_weight, finite
         )
         state = (
             _select(finite, new_trainable, trainable_variables),
-            _select(finite, new_non_trainable, non_trainable_variables),
-            _select(finite, new_optimizer, optimizer_variables),
+            _select(keep_state, new_non_trainable, non_trainable_variables),
+            new_optimizer
+            if scaled
+            else _select(finite, new_optimizer, optimizer_variables),
             metrics_variables,
         )
         return logs, state

@@ -1,5 +1,6 @@
 """The TensorFlow training step."""
 
+import keras
 import tensorflow as tf
 from keras.utils import unpack_x_y_sample_weight
 
@@ -49,8 +50,15 @@ class TensorFlowTrainer(StatefulTrainer):
         # The optimizer synchronises replicas with `merge_call`, which a
         # `tf.cond` in replica context cannot contain; the condition is taken
         # in cross-replica context instead, as LossScaleOptimizer does.
-        # `finite` is the same on every replica: it is computed from the
-        # global task losses.
+        # A LossScaleOptimizer is handed non-finite gradients instead of a
+        # skipped step, so that it lowers its loss scale as it does for a
+        # plain model.
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            nan = tf.constant(float("nan"))
+            gradients = [tf.where(finite, g, tf.cast(nan, g.dtype)) for g in gradients]
+            self.optimizer.apply(gradients, variables)
+            return
+
         def cross_replica(distribution, finite, gradients):
             def apply():
                 distribution.extended.call_for_each_replica(
@@ -164,25 +172,30 @@ class TensorFlowTrainer(StatefulTrainer):
 
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
-        # Methods may update their state during the step; a step with a
-        # non-finite task loss restores it.
+        # Methods may update their state during the step; a step that is not
+        # applied restores it.
         state = self.weighting.non_trainable_variables
         previous = [tf.identity(v.value) for v in state]
-        if self.weighting.needs_task_gradients:
+        if self.uses_task_gradients():
             step = self._combined_gradients(x, y, sample_weight)
         else:
             step = self._objective_gradients(x, y, sample_weight)
         y_pred, task_losses, label_counts, objective, weights, gradients = step
         task_losses = tf.stop_gradient(task_losses)
-        finite = tf.reduce_all(tf.math.is_finite(task_losses))
+        objective = tf.stop_gradient(objective)
+        finite = self.step_is_finite(
+            task_losses, objective, gradients, [v.value for v in state]
+        )
         self._apply_if_finite(finite, gradients, self.trainable_variables)
+        keep_state = finite
         if self.weighting.updates_after_step:
             self.update_weighting_after_step(
                 x, y, sample_weight, task_losses, label_counts
             )
+            keep_state = tf.logical_and(
+                finite, self.values_are_finite([v.value for v in state])
+            )
         for variable, value in zip(state, previous):
-            variable.assign(tf.where(finite, variable.value, value))
-        self.record_step(
-            tf.stop_gradient(objective), task_losses, weights, x, label_counts
-        )
+            variable.assign(tf.where(keep_state, variable.value, value))
+        self.record_step(objective, task_losses, weights, x, label_counts, finite)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

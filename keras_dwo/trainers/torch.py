@@ -8,6 +8,8 @@ from keras_dwo.trainers.stateful import StatefulTrainer
 
 
 def _gradients(target, sources, **kwargs):
+    if not sources:
+        return []
     gradients = torch.autograd.grad(
         target, sources, retain_graph=True, allow_unused=True, **kwargs
     )
@@ -19,8 +21,8 @@ class TorchTrainer(StatefulTrainer):
 
     A loss-level method takes one backward pass. A gradient-level method
     takes one `torch.autograd.grad` per task through the shared part of the
-    graph, then one through the task-specific part; a step with a non-finite
-    task loss returns before any of them.
+    graph, then one through the task-specific part. The step is applied only
+    if `step_is_finite`; otherwise the method's state is put back.
     """
 
     def _objective_gradients(self, task_losses, label_counts):
@@ -62,10 +64,26 @@ class TorchTrainer(StatefulTrainer):
             ]
         return objective, weights, gradients
 
+    def guarded_optimizer_apply(self, applied, gradients):
+        """Applies the gradients if `applied`.
+
+        A `LossScaleOptimizer` is handed non-finite gradients instead of a
+        skipped step, so that it lowers its loss scale as it does for a
+        plain model.
+        """
+        variables = self.trainable_variables
+        if applied:
+            self.optimizer.apply(gradients, variables)
+        elif isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.optimizer.apply(
+                [torch.full_like(g, float("nan")) for g in gradients], variables
+            )
+
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
+        uses_task_gradients = self.uses_task_gradients()
         representation = None
-        if self.weighting.needs_task_gradients and self.gradient_plan().trunk:
+        if uses_task_gradients and self.gradient_plan().trunk is not None:
             plan = self.gradient_plan()
             representation = keras.tree.flatten(plan.trunk(x, training=True))
             y_pred = self.outputs_like_model(plan.heads(representation, training=True))
@@ -74,25 +92,32 @@ class TorchTrainer(StatefulTrainer):
         task_losses = self.compute_task_losses(y, y_pred, sample_weight)
         detached = task_losses.detach()
         label_counts = self.count_task_labels(y, sample_weight)
-        if not bool(torch.isfinite(detached).all()):
-            objective, weights = self.compute_objective(
-                detached, label_counts=label_counts
+        state = self.weighting.non_trainable_variables
+        previous = [v.value.clone() for v in state]
+        if uses_task_gradients:
+            objective, weights, gradients = self._combined_gradients(
+                task_losses, label_counts, representation
             )
         else:
-            if self.weighting.needs_task_gradients:
-                objective, weights, gradients = self._combined_gradients(
-                    task_losses, label_counts, representation
+            objective, weights, gradients = self._objective_gradients(
+                task_losses, label_counts
+            )
+        objective = objective.detach()
+        applied = bool(
+            self.step_is_finite(
+                detached, objective, gradients, [v.value for v in state]
+            )
+        )
+        with torch.no_grad():
+            self.guarded_optimizer_apply(applied, gradients)
+            keep_state = applied
+            if applied and self.weighting.updates_after_step:
+                self.update_weighting_after_step(
+                    x, y, sample_weight, detached, label_counts
                 )
-            else:
-                objective, weights, gradients = self._objective_gradients(
-                    task_losses, label_counts
-                )
-            variables = self.trainable_variables
-            with torch.no_grad():
-                self.optimizer.apply(gradients, variables)
-                if self.weighting.updates_after_step:
-                    self.update_weighting_after_step(
-                        x, y, sample_weight, detached, label_counts
-                    )
-        self.record_step(objective.detach(), detached, weights, x, label_counts)
+                keep_state = bool(self.values_are_finite([v.value for v in state]))
+            if not keep_state:
+                for variable, value in zip(state, previous):
+                    variable.assign(value)
+        self.record_step(objective, detached, weights, x, label_counts, applied)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
