@@ -667,7 +667,10 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
         Each task's loss is averaged over its labelled samples
         (`label_counts`), or over the batch where every sample has a label.
+        A non-finite task loss makes the logged `loss` non-finite too, even
+        where the method left that task out, so that `TerminateOnNaN` sees it.
         """
+        objective = objective + 0.0 * ops.sum(task_losses)
         first_input = next(i for i in keras.tree.flatten(x) if i is not None)
         batch_size = ops.cast(ops.shape(first_input)[0], "float32")
         self._loss_tracker.update_state(objective, sample_weight=batch_size)
