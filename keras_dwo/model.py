@@ -383,6 +383,10 @@ class DynamicWeightedModel(Trainer, keras.Model):
             self._compile_tasks(*self._pending_compile)
         validated_task_weights(ops.convert_to_numpy(self.task_weights), self.task_names)
         self._check_targets(y, sample_weight)
+        if training and self.missing_label is not None and not self.optimizer.built:
+            # The step keeps an absent task's optimizer slots, so they must
+            # exist when it is traced.
+            self.optimizer.build(self.trainable_variables)
         if needs_plan:
             self.gradient_plan()
 
@@ -624,6 +628,45 @@ class DynamicWeightedModel(Trainer, keras.Model):
             else ops.ones_like(coefficients)
         )
         return gradients, weights, head_weights
+
+    def absent_task_state(self):
+        """Where an absent task's entries must not move in an optimizer step.
+
+        The method's trainable variables with one entry per task (learned
+        log-variances) and their optimizer slots (Adam's moments), which
+        would move on momentum alone in a batch without the task's labels.
+
+        Returns:
+            `(trainable_indices, optimizer_indices)`: positions in
+            `trainable_variables` and in `optimizer.variables`.
+        """
+        num_tasks = len(self.task_names)
+        per_task = [
+            v for v in self.weighting.trainable_variables if v.shape[:1] == (num_tasks,)
+        ]
+        ids = {id(v) for v in per_task}
+        trainable_indices = [
+            i for i, v in enumerate(self.trainable_variables) if id(v) in ids
+        ]
+        # Keras names a slot after the path of the variable it serves.
+        prefixes = tuple(v.path.replace("/", "_") + "_" for v in per_task)
+        optimizer_indices = [
+            i
+            for i, v in enumerate(self.optimizer.variables)
+            if prefixes and v.name.startswith(prefixes) and v.shape[:1] == (num_tasks,)
+        ]
+        return trainable_indices, optimizer_indices
+
+    @staticmethod
+    def keep_absent_tasks(new_values, old_values, label_counts):
+        """Returns `new_values` with the absent tasks' entries of `old_values`."""
+        present = label_counts > 0
+        return [
+            ops.where(
+                ops.reshape(present, (-1,) + (1,) * (len(new.shape) - 1)), new, old
+            )
+            for new, old in zip(new_values, old_values)
+        ]
 
     def update_weighting(self, losses_before, losses_after, label_counts=None):
         """Lets the method learn from the task losses before and after a step."""

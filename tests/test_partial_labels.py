@@ -272,3 +272,29 @@ def test_from_model_takes_missing_label():
     functional = keras.Model(base.inputs, base.outputs)
     model = keras_dwo.DynamicWeightedModel.from_model(functional, missing_label=-1)
     assert model.missing_label == -1.0
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "imtl_l", "famo", "gradnorm"])
+def test_an_absent_task_keeps_its_state_and_moments_bit_for_bit(weighting):
+    """After steps with both tasks, a step without `value` labels moves
+    nothing of `value`'s: neither its learned state nor its Adam moments."""
+    x, y, _ = partial_targets()
+    complete = {name: target.copy() for name, target in y.items()}
+    complete["value"] = np.nan_to_num(complete["value"])
+    absent = {**complete, "value": np.full_like(complete["value"], np.nan)}
+    model = two_task_model(weighting, missing_label=np.nan)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=TWO_TASK_LOSSES)
+    for _ in range(3):
+        model.train_on_batch(x, complete)
+    per_task = [
+        v
+        for v in [*model.weighting.variables, *model.optimizer.variables]
+        if v.shape[:1] == (2,)
+    ]
+    before = variable_values(per_task)
+    model.train_on_batch(x, absent)
+    after = variable_values(per_task)
+    assert per_task
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new[1], old[1])
+    assert any(not np.array_equal(new[0], old[0]) for old, new in zip(before, after))

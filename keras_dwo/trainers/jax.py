@@ -313,6 +313,19 @@ class JAXTrainer:
         new_trainable, new_optimizer = self.optimizer.stateless_apply(
             optimizer_variables, gradients, trainable_variables
         )
+        label_counts = self.count_task_labels(y, sample_weight)
+        if label_counts is not None:
+            new_trainable, new_optimizer = list(new_trainable), list(new_optimizer)
+            for new, old, indices in zip(
+                (new_trainable, new_optimizer),
+                (trainable_variables, optimizer_variables),
+                self.absent_task_state(),
+            ):
+                kept = self.keep_absent_tasks(
+                    [new[i] for i in indices], [old[i] for i in indices], label_counts
+                )
+                for index, value in zip(indices, kept):
+                    new[index] = value
         keep_state = finite
         if self.weighting.updates_after_step:
             new_non_trainable = self._stateless_weighting_update(

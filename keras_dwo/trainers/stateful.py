@@ -1,6 +1,7 @@
 """What the TensorFlow and PyTorch steps share: stateful variables."""
 
 import keras
+from keras import ops
 
 
 class StatefulTrainer:
@@ -36,3 +37,17 @@ class StatefulTrainer:
             self.compute_task_losses(y, y_pred, sample_weight)
         )
         self.update_weighting(losses_before, losses_after, label_counts)
+
+    def apply_keeping_absent_tasks(self, apply, label_counts):
+        """Runs `apply()`, then puts back an absent task's per-task state."""
+        if label_counts is None:
+            return apply()
+        trainable_indices, optimizer_indices = self.absent_task_state()
+        kept = [self.trainable_variables[i] for i in trainable_indices]
+        kept += [self.optimizer.variables[i] for i in optimizer_indices]
+        before = [ops.copy(v.value) for v in kept]
+        result = apply()
+        after = self.keep_absent_tasks([v.value for v in kept], before, label_counts)
+        for variable, value in zip(kept, after):
+            variable.assign(value)
+        return result

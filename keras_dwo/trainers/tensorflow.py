@@ -186,7 +186,10 @@ class TensorFlowTrainer(StatefulTrainer):
         finite = self.step_is_finite(
             task_losses, objective, gradients, [v.value for v in state]
         )
-        self._apply_if_finite(finite, gradients, self.trainable_variables)
+        self.apply_keeping_absent_tasks(
+            lambda: self._apply_if_finite(finite, gradients, self.trainable_variables),
+            label_counts,
+        )
         keep_state = finite
         if self.weighting.updates_after_step:
             self.update_weighting_after_step(

@@ -109,7 +109,9 @@ class TorchTrainer(StatefulTrainer):
             )
         )
         with torch.no_grad():
-            self.guarded_optimizer_apply(applied, gradients)
+            self.apply_keeping_absent_tasks(
+                lambda: self.guarded_optimizer_apply(applied, gradients), label_counts
+            )
             keep_state = applied
             if applied and self.weighting.updates_after_step:
                 self.update_weighting_after_step(
