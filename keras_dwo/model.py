@@ -704,7 +704,14 @@ class DynamicWeightedModel(Trainer, keras.Model):
         return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
 
     def record_step(
-        self, objective, task_losses, weights, x, label_counts=None, applied=True
+        self,
+        objective,
+        task_losses,
+        weights,
+        x,
+        label_counts=None,
+        applied=True,
+        training=True,
     ):
         """Updates the logs: `loss`, `<task>_loss`, `<task>_weight`, `skipped_steps`.
 
@@ -714,6 +721,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
         where the method left that task out, so that `TerminateOnNaN` sees it.
         """
         objective = objective + 0.0 * ops.sum(task_losses)
+        if weights is not None and not training and self.weighting.needs_task_gradients:
+            # Evaluation has no task gradients: the last step's weights stay.
+            weights = None
         first_input = next(i for i in keras.tree.flatten(x) if i is not None)
         batch_size = ops.cast(ops.shape(first_input)[0], "float32")
         self._loss_tracker.update_state(objective, sample_weight=batch_size)

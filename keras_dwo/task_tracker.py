@@ -25,7 +25,7 @@ class TaskTracker(keras.metrics.Metric):
         self.loss_total = self.add_variable(shape, "zeros", name="loss_total")
         self.count = self.add_variable(shape, "zeros", name="count")
         self.last_weights = self.add_variable(
-            shape, "zeros", aggregation="only_first_replica", name="last_weights"
+            shape, "ones", aggregation="only_first_replica", name="last_weights"
         )
         self.skipped_steps = self.add_variable(
             (), "zeros", aggregation="only_first_replica", name="skipped_steps"
@@ -34,14 +34,23 @@ class TaskTracker(keras.metrics.Metric):
     def update_state(self, task_losses, weights, sample_counts, applied=True):
         """Adds a step's task losses, weighted by `(T,)` sample counts.
 
-        `applied` (a boolean, or a scalar boolean tensor) tells whether the
-        step was applied; a step that was not counts as skipped.
+        `weights` None keeps the last weights: evaluation has no gradients
+        to weigh, so a gradient-level method's evaluation logs repeat the
+        weights of its last training step. `applied` (a boolean, or a scalar
+        boolean tensor) tells whether the step was applied; a step that was
+        not counts as skipped.
         """
         sample_counts = ops.cast(sample_counts, self.dtype)
         self.loss_total.assign_add(ops.cast(task_losses, self.dtype) * sample_counts)
         self.count.assign_add(sample_counts)
-        self.last_weights.assign(ops.cast(weights, self.dtype))
+        if weights is not None:
+            self.last_weights.assign(ops.cast(weights, self.dtype))
         self.skipped_steps.assign_add(1.0 - ops.cast(applied, self.dtype))
+
+    def reset_state(self):
+        # The last weights outlive the epoch, so that evaluation reports them.
+        for variable in (self.loss_total, self.count, self.skipped_steps):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def result(self):
         losses = ops.divide_no_nan(self.loss_total, self.count)

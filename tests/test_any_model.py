@@ -231,3 +231,21 @@ def test_an_error_inside_a_step_leaves_the_model_usable():
         model.fit(WrongKeys(), epochs=1, verbose=0)
     assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
     assert model.predict(x, verbose=0)["value"].shape == (32, 1)
+
+
+@pytest.mark.parametrize("method", ["upgrad", "uncertainty"])
+def test_validation_weights_are_meaningful(method):
+    x, y = two_task_data(64)
+    model = TwoHeads(weighting=method)
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    history = model.fit(
+        x, y, epochs=2, batch_size=64, validation_data=(x, y), verbose=0
+    ).history
+    for task in ("label", "value"):
+        # A gradient-level method's evaluation repeats the last step's
+        # weights; a loss-level method's weights are its current ones, which
+        # the last step changed only a little.
+        np.testing.assert_allclose(
+            history[f"val_{task}_weight"], history[f"{task}_weight"], rtol=0.05
+        )
+    assert history["label_weight"][-1] != 1.0

@@ -258,7 +258,14 @@ class JAXTrainer:
         return [scope.get_current_value(v) for v in self.non_trainable_variables]
 
     def _stateless_record(
-        self, metrics_variables, forward, x, y, sample_weight, applied=True
+        self,
+        metrics_variables,
+        forward,
+        x,
+        y,
+        sample_weight,
+        applied=True,
+        training=True,
     ):
         mapping = zip(self.metrics_variables, metrics_variables)
         with keras.StatelessScope(state_mapping=mapping) as scope:
@@ -269,6 +276,7 @@ class JAXTrainer:
                 x,
                 self.count_task_labels(y, sample_weight),
                 applied,
+                training,
             )
             logs = self.compute_metrics(x, y, forward.y_pred, sample_weight)
         return logs, [scope.get_current_value(v) for v in self.metrics_variables]
@@ -364,6 +372,6 @@ class JAXTrainer:
         )
         non_trainable_variables = forward.non_trainable_variables
         logs, metrics_variables = self._stateless_record(
-            metrics_variables, forward, x, y, sample_weight
+            metrics_variables, forward, x, y, sample_weight, training=False
         )
         return logs, (trainable_variables, non_trainable_variables, metrics_variables)

@@ -25,7 +25,9 @@ class StatefulTrainer:
         objective, weights = self.compute_objective(
             task_losses, training=False, label_counts=label_counts
         )
-        self.record_step(objective, task_losses, weights, x, label_counts)
+        self.record_step(
+            objective, task_losses, weights, x, label_counts, training=False
+        )
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def update_weighting_after_step(
