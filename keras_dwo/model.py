@@ -442,6 +442,36 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self._prepare(x, y, sample_weight, training=False)
         return super().test_on_batch(x, y, sample_weight, *args, **kwargs)
 
+    def _flatten_metrics_in_order(self, logs):
+        """The list that `evaluate` and `*_on_batch` return without `return_dict`.
+
+        Keras's order for a multi-output model (`loss`, the per-task losses,
+        then the compiled metrics sorted by name), then this model's own
+        entries: `<task>_weight` and `skipped_steps`.
+        """
+        names = self.task_names or ()
+        first = ["loss"] + [f"{name}_loss" for name in names]
+        last = [f"{name}_weight" for name in names] + ["skipped_steps"]
+        first += [
+            metric.name
+            for metric in self.metrics
+            if metric.name in logs and metric.name not in first + last
+        ]
+        rest = sorted(key for key in logs if key not in first and key not in last)
+        results = [logs[key] for key in first + rest + last if key in logs]
+        return results[0] if len(results) == 1 else results
+
+    @property
+    def metrics_names(self):
+        """Keras's names: `loss`, `compile_metrics`, then the task losses."""
+        names = []
+        for metric in self.metrics:
+            if metric is getattr(self, "task_tracker", None):
+                names += [f"{name}_loss" for name in self.task_names]
+            else:
+                names.append(metric.name)
+        return names
+
     def _check_targets(self, y, sample_weight=None):
         if y is not None:
             tasks.by_task(y, self.task_names, "target", self._dict_outputs)

@@ -249,3 +249,17 @@ def test_validation_weights_are_meaningful(method):
             history[f"val_{task}_weight"], history[f"{task}_weight"], rtol=0.05
         )
     assert history["label_weight"][-1] != 1.0
+
+
+def test_evaluate_lists_and_metrics_names_follow_keras():
+    (plain, dynamic), x, y = _regression_pair({"a": "mse", "b": "mae"})
+    expected = plain.evaluate(x, y, verbose=0)
+    results = dynamic.evaluate(x, y, verbose=0)
+    assert len(results) == len(expected) + 3
+    np.testing.assert_allclose(results[: len(expected)], expected, rtol=1e-5)
+    logs = dynamic.evaluate(x, y, verbose=0, return_dict=True)
+    tail = [logs["a_weight"], logs["b_weight"], logs["skipped_steps"]]
+    np.testing.assert_allclose(results[len(expected) :], tail)
+    assert dynamic.metrics_names == plain.metrics_names
+    on_batch = dynamic.test_on_batch(x, y)
+    np.testing.assert_allclose(on_batch[: len(expected)], expected, rtol=1e-5)

@@ -48,6 +48,48 @@ class JAXTrainer:
     so the task losses are those of one device.
     """
 
+    def _state_variables(self):
+        variables = [*self.trainable_variables, *self.non_trainable_variables]
+        if getattr(self, "optimizer", None) is not None:
+            variables += self.optimizer.variables
+        return variables + list(self.metrics_variables)
+
+    def _purge_model_variables(self, *args, **kwargs):
+        # Keras releases the variables' values while an epoch runs and puts
+        # the last step's state back at its end; an error raised before any
+        # step returned would leave them released. Keeping what it releases
+        # costs no memory (the first step donates these arrays). Keyed by id:
+        # a list of variables would be tracked as the model's own.
+        self._released_values = {id(v): v._value for v in self._state_variables()}
+        super()._purge_model_variables(*args, **kwargs)
+
+    def _restoring_state(self, method, *args, **kwargs):
+        """Runs `fit`, `evaluate` or `predict`; after an error, the model's
+        variables hold the last state that a step returned, or else the
+        state before the call."""
+        try:
+            return method(*args, **kwargs)
+        except BaseException:
+            self.jax_state_sync()
+            self._jax_state = None
+            released = getattr(self, "_released_values", None) or {}
+            for variable in self._state_variables():
+                value = released.get(id(variable))
+                if variable._value is None and value is not None:
+                    variable.assign(value)
+            raise
+        finally:
+            self._released_values = {}
+
+    def fit(self, *args, **kwargs):
+        return self._restoring_state(super().fit, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        return self._restoring_state(super().evaluate, *args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        return self._restoring_state(super().predict, *args, **kwargs)
+
     def _training_argument(self, training):
         # `stateless_call` calls `call` directly, as Keras's own step does,
         # so `training` is passed only where `call` takes it.

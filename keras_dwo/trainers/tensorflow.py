@@ -26,6 +26,15 @@ class TensorFlowTrainer(StatefulTrainer):
     update therefore match one device's for every method.
     """
 
+    def fit(self, *args, **kwargs):
+        try:
+            return super().fit(*args, **kwargs)
+        except BaseException:
+            # A first trace that failed may have created the optimizer's
+            # variables; the next `fit` must trace anew.
+            self.train_function = None
+            raise
+
     def _replica_context(self):
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
