@@ -88,7 +88,7 @@ def test_a_subclassed_model_saves_loads_and_resumes(tmp_path):
     np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
 
 
-def test_from_model_traces_a_subclassed_model_with_a_sequential_trunk():
+def test_from_model_traces_a_subclassed_model_with_a_sequential_trunk(tmp_path):
     class Plain(keras.Model):
         def __init__(self):
             super().__init__()
@@ -115,6 +115,14 @@ def test_from_model_traces_a_subclassed_model_with_a_sequential_trunk():
         id(model.trainable_variables[i]) for i in model.gradient_plan().shared_indices
     }
     assert shared == {id(v) for v in plain.trunk.trainable_weights}
+    model.save(tmp_path / "traced.keras")
+    loaded = keras.models.load_model(tmp_path / "traced.keras")
+    np.testing.assert_allclose(
+        to_numpy(loaded.predict(x, verbose=0)["value"]),
+        to_numpy(model.predict(x, verbose=0)["value"]),
+        rtol=1e-6,
+    )
+    assert loaded.weighting.name == model.weighting.name
 
 
 def _regression_pair(loss):
