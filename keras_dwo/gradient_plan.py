@@ -90,7 +90,7 @@ def trace(model, input_spec):
     return inputs, model.call(inputs)
 
 
-def make_plan(model, graph, wrt, shared=None):
+def make_plan(model, graph, wrt, shared=None, representation=None):
     """Returns the `GradientPlan` of a gradient-level method.
 
     Args:
@@ -100,6 +100,9 @@ def make_plan(model, graph, wrt, shared=None):
             variables must then be named).
         wrt: `"parameters"` or `"representation"`.
         shared: Optional names of shared layers or variable paths.
+        representation: Optional name of the layer whose output is the
+            representation, for `wrt="representation"`; by default the
+            tensors that shared layers hand to the heads.
 
     Raises:
         ValueError: If the shared variables or representation cannot be
@@ -115,7 +118,10 @@ def make_plan(model, graph, wrt, shared=None):
                 "the functional API, or use wrt='parameters'."
             )
         inputs, outputs = graph
-        representation = task_graph.shared_representation(outputs)
+        if representation is None:
+            representation = task_graph.shared_representation(outputs)
+        else:
+            representation = task_graph.layer_outputs(outputs, representation)
         trunk = keras.Model(inputs, representation)
         heads = keras.Model(representation, outputs)
         shared_variables = trunk.weights

@@ -128,6 +128,10 @@ class DynamicWeightedModel(Trainer, keras.Model):
             samples of the epoch. In a batch without any label of a task,
             the weighting method treats the step as one of the other tasks
             alone and leaves its state for that task unchanged.
+        representation: Optional layer (or its name) whose output is the
+            shared representation, for methods with
+            `wrt="representation"`; by default the tensors that shared
+            layers hand to the heads.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -176,6 +180,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         task_names=None,
         shared=None,
         missing_label=None,
+        representation=None,
         **kwargs,
     ):
         if inputs is not None or outputs is not None:
@@ -198,6 +203,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
             keras.Model.__init__(self, **kwargs)
         self.missing_label = None if missing_label is None else float(missing_label)
         self.shared = plans.shared_names(shared)
+        if isinstance(representation, keras.layers.Layer):
+            representation = representation.name
+        self.representation = representation
         if self.shared is not None and isinstance(self, Functional):
             plans.named_variables(self, self.shared)
         method = weighting_module.get(weighting)
@@ -245,7 +253,13 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     @classmethod
     def from_model(
-        cls, model, weighting="equal", shared=None, missing_label=None, input_spec=None
+        cls,
+        model,
+        weighting="equal",
+        shared=None,
+        missing_label=None,
+        representation=None,
+        input_spec=None,
     ):
         """Wraps an existing multi-output model, sharing its layers and weights.
 
@@ -259,6 +273,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
             weighting: The weighting method, as for the constructor.
             shared: Optional shared layers, as for the constructor.
             missing_label: Optional missing-label value, as for the
+                constructor.
+            representation: Optional representation layer, as for the
                 constructor.
             input_spec: For a model that was never built on inputs of a known
                 shape: a batch of inputs, or `keras.KerasTensor`s with a batch
@@ -286,6 +302,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             weighting=weighting,
             shared=shared,
             missing_label=missing_label,
+            representation=representation,
             name=model.name,
         )
 
@@ -577,7 +594,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 self._inputs_struct,
                 self._by_task(self._outputs_struct, "output"),
             )
-        plan = plans.make_plan(self, graph, self.weighting.wrt, self.shared)
+        plan = plans.make_plan(
+            self, graph, self.weighting.wrt, self.shared, self.representation
+        )
         if not plan.shared_indices:
             warnings.warn(
                 f"The tasks share no trainable variable (is the backbone "
@@ -771,6 +790,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         config["weighting"] = keras.saving.serialize_keras_object(self.weighting)
         config["shared"] = None if self.shared is None else list(self.shared)
         config["missing_label"] = self.missing_label
+        config["representation"] = self.representation
         return config
 
     @classmethod
@@ -781,9 +801,14 @@ class DynamicWeightedModel(Trainer, keras.Model):
         weighting = config.pop("weighting", "equal")
         shared = config.pop("shared", None)
         missing_label = config.pop("missing_label", None)
+        representation = config.pop("representation", None)
         functional = keras.Model.from_config(config, custom_objects=custom_objects)
         return DynamicWeightedModel.from_model(
-            functional, weighting=weighting, shared=shared, missing_label=missing_label
+            functional,
+            weighting=weighting,
+            shared=shared,
+            missing_label=missing_label,
+            representation=representation,
         )
 
 

@@ -67,3 +67,27 @@ def shared_representation(outputs):
                     )
                 representation[id(tensor)] = tensor
     return list(representation.values())
+
+
+def layer_outputs(outputs, name):
+    """Returns the output tensors of the layer called `name` upstream of `outputs`.
+
+    Raises:
+        ValueError: If no layer of that name feeds the outputs, or it was
+            called more than once.
+    """
+    found = {}
+    for output in outputs:
+        _, nodes = _upstream(output)
+        for operation, node in nodes:
+            if operation.name == name:
+                found[id(node)] = node
+    if len(found) != 1:
+        problem = "no layer" if not found else f"{len(found)} calls of the layer"
+        raise ValueError(
+            f"`representation` names {name!r}, but the tasks' graph holds "
+            f"{problem} of that name; name a layer called once, whose output "
+            "every head reads."
+        )
+    (node,) = found.values()
+    return list(node.output_tensors)

@@ -271,3 +271,31 @@ def test_evaluate_lists_and_metrics_names_follow_keras():
     assert dynamic.metrics_names == plain.metrics_names
     on_batch = dynamic.test_on_batch(x, y)
     np.testing.assert_allclose(on_batch[: len(expected)], expected, rtol=1e-5)
+
+
+def test_representation_may_be_a_named_layer(tmp_path):
+    inputs = keras.Input(shape=(6,))
+    trunk = keras.layers.Dense(12, activation="relu", name="trunk")(inputs)
+    neck = keras.layers.Dense(8, activation="relu", name="neck")(trunk)
+    label = keras.layers.Dense(3, activation="softmax", name="label")(neck)
+    value = keras.layers.Dense(1, name="value")(neck)
+    model = keras_dwo.DynamicWeightedModel(
+        inputs,
+        {"label": label, "value": value},
+        weighting="mgda_ub",
+        representation="trunk",
+    )
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    x, y = two_task_data(64)
+    history = model.fit(x, y, epochs=3, verbose=0).history
+    assert history["value_loss"][-1] < history["value_loss"][0]
+    assert tuple(model.gradient_plan().trunk.outputs[0].shape) == (None, 12)
+    model.save(tmp_path / "named.keras")
+    assert keras.models.load_model(tmp_path / "named.keras").representation == "trunk"
+    with pytest.raises(ValueError, match="no layer"):
+        keras_dwo.DynamicWeightedModel(
+            inputs,
+            {"label": label, "value": value},
+            weighting="mgda_ub",
+            representation="nope",
+        ).gradient_plan()
