@@ -718,9 +718,16 @@ class DynamicWeightedModel(Trainer, keras.Model):
         ]
 
     def update_weighting(self, losses_before, losses_after, label_counts=None):
-        """Lets the method learn from the task losses before and after a step."""
+        """Lets the method learn from the task losses before and after a step.
+
+        The method sees the weighted losses, as in `compute_objective`, so
+        that a task it left out there (a weight of 0) is left out here too.
+        """
+        task_weights = ops.convert_to_tensor(self.task_weights)
         self.weighting.update(
-            losses_before, losses_after, **tasks.presence_argument(label_counts)
+            task_weights * losses_before,
+            task_weights * losses_after,
+            **tasks.presence_argument(label_counts),
         )
 
     def step_is_finite(self, task_losses, objective, gradients, state):

@@ -209,3 +209,22 @@ def test_the_guard_does_not_depend_on_the_backend_check_of_losses_only():
     assert np.isfinite(logs["loss"]), BACKEND
     assert logs["skipped_steps"] == 1.0
     _assert_same_state(before, _state(model), "infinite gradient")
+
+
+@pytest.mark.parametrize(
+    "method", ["gls", "scale_invariant", "famo", "uncertainty", "imtl_l"]
+)
+def test_a_zero_task_weight_is_valid_for_methods_on_positive_losses(method):
+    x, y = two_task_data(64)
+    model = two_task_model(method)
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES, loss_weights=[1.0, 0.0])
+    per_task = [v for v in model.weighting.variables if v.shape[:1] == (2,)]
+    before = [to_numpy(v).copy() for v in per_task]
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history
+    assert history["skipped_steps"] == [0.0, 0.0, 0.0]
+    assert all(np.all(np.isfinite(to_numpy(v))) for v in model.weights)
+    assert history["label_loss"][-1] < history["label_loss"][0]
+    if method in ("gls", "scale_invariant", "famo"):
+        # Left out: what the method holds for the switched-off task stays.
+        for old, variable in zip(before, per_task):
+            assert to_numpy(variable)[1] == old[1]

@@ -77,7 +77,7 @@ def test_loss_weight_scheduler_sets_weights_each_epoch():
 @pytest.mark.parametrize(
     "schedule, message",
     [
-        (lambda epoch, w: [1.0], "returned 1 weights for 2 tasks"),
+        (lambda epoch, w: [1.0], r"Got 1 task weight\(s\) for 2 task\(s\)"),
         (lambda epoch, w: {"mass": 1.0}, r"unknown task\(s\) \['mass'\]"),
         (lambda epoch, w: [1.0, -1.0], "must be finite and non-negative"),
     ],

@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_dwo.task_weights import validated_task_weights
+
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class DynamicWeightAverage(keras.callbacks.Callback):
@@ -57,7 +59,8 @@ class DynamicWeightAverage(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
         history = keras.ops.convert_to_numpy(model.task_loss_history)
-        model.task_weights.assign(self.dwa_weights(history).astype("float32"))
+        weights = validated_task_weights(self.dwa_weights(history), model.task_names)
+        model.task_weights.assign(np.asarray(weights, dtype="float32"))
 
     def on_epoch_end(self, epoch, logs=None):
         model = self.model

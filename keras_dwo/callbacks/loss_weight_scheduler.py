@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_dwo.task_weights import validated_task_weights
+
 
 class LossWeightScheduler(keras.callbacks.Callback):
     """Sets `task_weights` at the start of every epoch from a schedule.
@@ -12,7 +14,8 @@ class LossWeightScheduler(keras.callbacks.Callback):
             (from 0) and the current weights (a NumPy array in task order)
             that returns the new weights: a sequence in task order or a dict
             keyed by task name (tasks left out keep their weight). Weights
-            must be finite and non-negative.
+            must be finite and non-negative; otherwise the callback raises a
+            `ValueError` that names the tasks.
         verbose: 1 prints the weights each epoch.
 
     Example:
@@ -43,22 +46,17 @@ class LossWeightScheduler(keras.callbacks.Callback):
                     f"The schedule returned weights for unknown task(s) {unknown}; "
                     f"the tasks are {model.task_names}."
                 )
-            weights = current.copy()
-            for index, name in enumerate(model.task_names):
-                weights[index] = proposed.get(name, weights[index])
-        else:
-            weights = np.asarray(proposed, dtype="float32").reshape(-1)
-            if weights.shape != current.shape:
-                raise ValueError(
-                    f"The schedule returned {weights.size} weights for "
-                    f"{current.size} tasks {model.task_names}."
-                )
-        if not np.all(np.isfinite(weights) & (weights >= 0)):
+            proposed = [
+                proposed.get(name, weight)
+                for name, weight in zip(model.task_names, current.tolist())
+            ]
+        try:
+            weights = validated_task_weights(proposed, model.task_names)
+        except ValueError as error:
             raise ValueError(
-                f"The schedule returned invalid weights {weights.tolist()} at "
-                f"epoch {epoch}: they must be finite and non-negative."
-            )
-        model.task_weights.assign(weights.astype("float32"))
+                f"The schedule returned invalid weights at epoch {epoch}: {error}"
+            ) from None
+        model.task_weights.assign(np.asarray(weights, dtype="float32"))
         if self.verbose:
             shown = ", ".join(
                 f"{name}={w:.4g}" for name, w in zip(model.task_names, weights)

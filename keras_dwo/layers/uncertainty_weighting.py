@@ -3,6 +3,42 @@
 import keras
 from keras import ops
 
+# The largest |s_i| of learned log-scales. A loss that stays at 0 pulls its
+# s_i by the learning rate at every step, without end, until exp overflows
+# and the objective is inf * 0. Within the bound the weights exp(-s_i) lie
+# between 2e-9 and 5e8: the optimum s_i = log(L_i) of losses from 2e-9 to
+# 5e8 is reachable, and exp(-s_i) L_i is finite for any loss below 7e29.
+MAX_ABS_LOG_VARIANCE = 20.0
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class Bounded(keras.constraints.Constraint):
+    """Clips every entry of a variable into `[min_value, max_value]`.
+
+    Keras optimizers apply a variable's constraint after each update. The
+    gradient of the clipped value is that of the identity inside the range,
+    bounds included, and 0 outside it.
+
+    Args:
+        min_value: Lower bound.
+        max_value: Upper bound.
+    """
+
+    def __init__(self, min_value, max_value):
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+
+    def __call__(self, w):
+        w = ops.convert_to_tensor(w)
+        return ops.where(
+            w < self.min_value,
+            self.min_value,
+            ops.where(w > self.max_value, self.max_value, w),
+        )
+
+    def get_config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class UncertaintyWeighting(keras.layers.Layer):
@@ -24,11 +60,19 @@ class UncertaintyWeighting(keras.layers.Layer):
     callbacks that watch `loss`, such as `EarlyStopping` and
     `ReduceLROnPlateau`, should watch a task loss or a metric instead.
 
+    A loss that is 0 has no optimum: its `s_i` falls by the learning rate at
+    every step until `exp(-s_i)` overflows. The log-variances are therefore
+    bounded to `[-MAX_ABS_LOG_VARIANCE, MAX_ABS_LOG_VARIANCE]` (20): the
+    variable's constraint, which Keras optimizers apply after each update,
+    clips them, and the objective uses the clipped values, so it and the
+    precisions stay finite whatever value the variable holds.
+
     Args:
         num_tasks: Number of tasks T; inferred from the input when omitted.
         regression: Optional sequence of T booleans, True for a regression
             task, to use the paper's per-likelihood factors.
-        initial_log_variance: Initial value of every `s_i`.
+        initial_log_variance: Initial value of every `s_i`, within the
+            bounds.
         **kwargs: Passed to `keras.layers.Layer`.
 
     Example:
@@ -51,6 +95,12 @@ class UncertaintyWeighting(keras.layers.Layer):
         self.num_tasks = num_tasks
         self.regression = None if regression is None else [bool(r) for r in regression]
         self.initial_log_variance = float(initial_log_variance)
+        if not abs(self.initial_log_variance) <= MAX_ABS_LOG_VARIANCE:
+            raise ValueError(
+                f"`initial_log_variance` must lie in [-{MAX_ABS_LOG_VARIANCE}, "
+                f"{MAX_ABS_LOG_VARIANCE}]; received {initial_log_variance}."
+            )
+        self.log_variance_bounds = Bounded(-MAX_ABS_LOG_VARIANCE, MAX_ABS_LOG_VARIANCE)
         if num_tasks is not None:
             self.build((num_tasks,))
 
@@ -65,6 +115,7 @@ class UncertaintyWeighting(keras.layers.Layer):
         self.log_variances = self.add_weight(
             shape=(num_tasks,),
             initializer=keras.initializers.Constant(self.initial_log_variance),
+            constraint=self.log_variance_bounds,
             name="log_variances",
         )
 
@@ -75,10 +126,14 @@ class UncertaintyWeighting(keras.layers.Layer):
         regression = ops.convert_to_tensor(self.regression, dtype="float32")
         return 1.0 - 0.5 * regression, 0.5
 
+    def bounded_log_variances(self):
+        """Returns the log-variances `s_i`, clipped into their bounds."""
+        return self.log_variance_bounds(self.log_variances)
+
     def precisions(self):
         """Returns the effective weights `a_i exp(-s_i)` of the task losses."""
         scale, _ = self.loss_factors()
-        return scale * ops.exp(-self.log_variances)
+        return scale * ops.exp(-self.bounded_log_variances())
 
     def objective_and_precisions(self, losses, present=None):
         """Returns the combined loss and the precisions it weighs losses by.
@@ -90,7 +145,9 @@ class UncertaintyWeighting(keras.layers.Layer):
         """
         _, log_variance_factor = self.loss_factors()
         precisions = self.precisions()
-        terms = precisions * losses + log_variance_factor * self.log_variances
+        terms = precisions * losses + log_variance_factor * (
+            self.bounded_log_variances()
+        )
         if present is not None:
             terms = ops.cast(present, terms.dtype) * terms
         return ops.sum(terms), precisions

@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.gram import combination
+from keras_dwo.weighting.gram import finite_gram
 
 RELATIVE_RANK_TOLERANCE = 1e-5
 
@@ -47,8 +49,10 @@ class AlignedMTL(GradientWeighting):
         # An absent task's zero row gives a zero eigenvalue, whose eigenvector
         # is left out; the other eigenvectors are 0 at that task.
         del present
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        gram = finite_gram(raw_gram)
         trace = ops.trace(gram)
+        # An overflowing trace leaves the zero matrix, which decomposes.
         gram = gram / ops.where(trace > 0, trace, ops.ones_like(trace))
         eigenvalues, eigenvectors = ops.eigh(gram)
         largest = ops.max(eigenvalues)
@@ -65,4 +69,4 @@ class AlignedMTL(GradientWeighting):
             inverse_roots * ops.matmul(ops.ones_like(eigenvalues), eigenvectors),
         )
         weights = ops.where(ops.any(kept), weights, ops.ones_like(weights))
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, raw_gram)

@@ -74,6 +74,21 @@ def presence(present, losses):
     return ops.cast(present, losses.dtype)
 
 
+def positive_presence(present, losses):
+    """Returns the presence mask, with the tasks whose loss is not positive absent.
+
+    For the methods defined only for positive losses (they take logarithms
+    or ratios of them): a loss of 0, which a task weight of 0 also gives, a
+    negative loss (a cosine similarity, a log-likelihood) or a NaN one makes
+    its task absent from the step, exactly as a task without labels.
+
+    Args:
+        present: None or the float `(T,)` presence mask.
+        losses: `(T,)` task losses (or their distance to a lower bound).
+    """
+    return presence(present, losses) * ops.cast(losses > 0, losses.dtype)
+
+
 def linear_objective(weights, losses):
     """Objective `sum_i w_i L_i` for weights that receive no gradient."""
     weights = ops.stop_gradient(weights)
@@ -101,6 +116,13 @@ class GradientWeighting(LossWeighting):
     Evaluation has no gradients: there the objective and the logged weights
     come from `call`, the current loss weights (1 unless the method learns
     them).
+
+    `aggregate` never raises on a Jacobian with NaN, infinite or overflowing
+    entries: it returns a non-finite direction, which the model's guard
+    drops with the step. The methods that solve or decompose the Gram matrix
+    sanitise it first and make their result non-finite afterwards (see
+    `keras_dwo.weighting.gram`). An all-zero Jacobian, or a zero row, gives
+    finite weights and direction.
 
     Args:
         wrt: `"parameters"` (default): gradients with respect to the shared

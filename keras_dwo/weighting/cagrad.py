@@ -6,6 +6,7 @@ from keras import ops
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.gram import combination
 
 RESCALES = (0, 1, 2)
 
@@ -105,7 +106,8 @@ class CAGrad(GradientWeighting):
         super().build(task_names)
 
     def aggregate(self, jacobian, losses, training=True, present=None):
-        gram = min_norm.regularized_gram(ops.matmul(jacobian, ops.transpose(jacobian)))
+        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        gram = min_norm.regularized_gram(raw_gram)
         present = presence(present, losses)
         mean_weights = present / ops.sum(present)
         mean_products = ops.matmul(gram, mean_weights)
@@ -121,7 +123,7 @@ class CAGrad(GradientWeighting):
         )
         weights = mean_weights + (radius / conflict_norm) * conflict_weights
         weights = weights / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, raw_gram)
 
     def get_config(self):
         return {**super().get_config(), "c": self.c, "rescale": self.rescale}

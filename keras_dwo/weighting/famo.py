@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import LossWeighting
-from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.base import positive_presence
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -22,6 +22,13 @@ class FAMO(LossWeighting):
     decay `gamma`), as the paper's Algorithm 1 does. That extra forward pass
     costs about a third of a step. The logits and their Adam moments are
     non-trainable variables, saved with the model.
+
+    The logarithms are defined for losses above their lower bounds only: a
+    task whose loss is not above `m_i` (a loss of 0, as a task weight of 0
+    makes it, or a negative one) is treated in that step exactly like an
+    absent task (`present` 0): it drops out of the objective and gets the
+    weight 0, and in `update` (where both losses must be above `m_i`) its
+    logit and Adam moments stay exactly as they were.
 
     Args:
         learning_rate: Adam learning rate of the logits (paper: 0.025).
@@ -78,34 +85,45 @@ class FAMO(LossWeighting):
         if present is None:
             return ops.softmax(self.logits)
         shares = present * ops.exp(self.logits - ops.max(self.logits))
-        return shares / ops.sum(shares)
+        # No task present: every share is 0.
+        return ops.divide_no_nan(shares, ops.sum(shares))
 
-    def _shifted(self, losses):
-        if self.min_losses is not None:
-            losses = losses - ops.convert_to_tensor(self.min_losses, losses.dtype)
-        return losses + self.epsilon
+    def _gaps(self, losses):
+        """Returns `L_i - m_i`, the losses above their lower bounds."""
+        if self.min_losses is None:
+            return losses
+        return losses - ops.convert_to_tensor(self.min_losses, losses.dtype)
+
+    def _shifted(self, gaps, present):
+        # An absent task's gap may be 0 or negative; 1 there keeps the log
+        # finite, and its share is 0.
+        return ops.where(present > 0, gaps + self.epsilon, 1.0)
 
     def call(self, losses, training=False, present=None):
-        present = presence(present, losses)
+        gaps = self._gaps(losses)
+        present = positive_presence(present, gaps)
         z = self.task_probabilities(present)
-        # An absent task's loss is 0; a loss of 1 there keeps the log finite.
-        shifted = ops.where(present > 0, self._shifted(losses), 1.0)
+        shifted = self._shifted(gaps, present)
         normaliser = ops.stop_gradient(ops.sum(z / shifted))
+        normaliser = ops.where(normaliser > 0, normaliser, 1.0)
         objective = ops.sum(z * ops.log(shifted)) / normaliser
         weights = ops.stop_gradient(z / (normaliser * shifted))
         return objective, weights
 
     def update(self, losses_before, losses_after, present=None):
-        present = presence(present, losses_before)
-
-        def log_shifted(losses):
-            return ops.log(ops.where(present > 0, self._shifted(losses), 1.0))
-
-        delta = log_shifted(losses_before) - log_shifted(losses_after)
+        gaps_before = self._gaps(losses_before)
+        gaps_after = self._gaps(losses_after)
+        present = positive_presence(positive_presence(present, gaps_before), gaps_after)
+        delta = ops.log(self._shifted(gaps_before, present)) - ops.log(
+            self._shifted(gaps_after, present)
+        )
         z = self.task_probabilities(present)
         gradient = z * (delta - ops.sum(z * delta)) + self.gamma * self.logits
-        step = self.logits_adam.step(present * gradient)
-        self.logits.assign(self.logits - self.learning_rate * present * step)
+        step = self.logits_adam.step(gradient, present)
+        logits = ops.convert_to_tensor(self.logits)
+        self.logits.assign(
+            ops.where(present > 0, logits - self.learning_rate * step, logits)
+        )
 
     def get_config(self):
         return {

@@ -78,7 +78,13 @@ class GradDrop(RandomState, GradientWeighting):
         mass = ops.sum(magnitudes, axis=1)
         kept_mass = ops.sum(ops.abs(kept), axis=1)
         weights = ops.where(mass > 0, ops.divide_no_nan(kept_mass, mass), 1.0)
-        return ops.matmul(ones, kept), weights
+        # A column with a NaN or an infinity has a NaN purity and is dropped,
+        # and XLA folds the product of its NaN with 0 to 0; the direction
+        # must stay non-finite there for the guard that drops the step.
+        direction = ops.where(
+            ops.isfinite(purity), ops.matmul(ones, kept), float("nan")
+        )
+        return direction, weights
 
     def get_config(self):
         return {**super().get_config(), "leak": self.leak, "seed": self.seed}

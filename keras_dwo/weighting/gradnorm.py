@@ -18,7 +18,8 @@ class GradNorm(GradientWeighting):
     """GradNorm: learns loss weights that balance the tasks' training rates.
 
     The loss weights `w` start at 1. At each training step, with `g_i` task
-    i's gradient and `L_i(0)` its loss at the first training step:
+    i's gradient and `L_i(0)` its loss at the first training step where it
+    has labels and a positive loss (until then `L_i / L_i(0)` counts as 1):
 
     - `G_i = w_i ||g_i||` is the norm of task i's weighted gradient;
     - `r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))` is its relative inverse
@@ -34,7 +35,9 @@ class GradNorm(GradientWeighting):
     (`weights_heads`), so training minimises `sum_i w_i L_i`; evaluation
     reports that objective with the learned weights. The weights, their
     Adam moments and the initial losses are non-trainable variables, saved
-    with the model, so a resumed run keeps its `L_i(0)`.
+    with the model, so a resumed run keeps its `L_i(0)`. A task absent from
+    a step (`present` 0) keeps its weight, moments and `L_i(0)` exactly; the
+    others are renormalised to keep the sum T.
 
     The norms are those of the rows of the Jacobian: the gradients of all
     shared parameters, or with `wrt="representation"` of the shared
@@ -99,39 +102,47 @@ class GradNorm(GradientWeighting):
         return direction, weights
 
     def _update_loss_weights(self, jacobian, losses, present):
-        # L_i(0) is a task's loss in the first step that has its labels.
-        recorded = self.initial_losses_recorded > 0
+        # As tensors: `ops.where` rejects variables on JAX.
+        loss_weights = ops.convert_to_tensor(self.loss_weights)
+        recorded = ops.convert_to_tensor(self.initial_losses_recorded) > 0
+        # L_i(0) is a task's loss in the first step that has its labels and a
+        # positive loss: a ratio to a zero L_i(0) would hold its rate at 0.
+        recording = ops.logical_and(
+            ops.logical_not(recorded), ops.logical_and(present > 0, losses > 0)
+        )
         initial_losses = ops.where(
-            recorded, ops.convert_to_tensor(self.initial_losses), losses
+            recording, losses, ops.convert_to_tensor(self.initial_losses)
         )
+        recorded = ops.logical_or(recorded, recording)
         self.initial_losses.assign(initial_losses)
-        self.initial_losses_recorded.assign(
-            ops.maximum(self.initial_losses_recorded, present)
-        )
+        self.initial_losses_recorded.assign(ops.cast(recorded, "float32"))
 
         def mean_present(values):
-            return ops.sum(present * values) / ops.sum(present)
+            return ops.divide_no_nan(ops.sum(present * values), ops.sum(present))
 
         gradient_norms = ops.sqrt(ops.sum(ops.square(jacobian), axis=1))
-        weighted_norms = self.loss_weights * gradient_norms
-        loss_ratios = ops.divide_no_nan(losses, initial_losses)
+        weighted_norms = loss_weights * gradient_norms
+        # Until L_i(0) is recorded, a task counts as training at the mean rate.
+        loss_ratios = ops.where(
+            recorded, ops.divide_no_nan(losses, initial_losses), 1.0
+        )
         # Negative losses (log-likelihoods) have no training rate; clamping
         # keeps the fractional power real.
         rates = ops.maximum(
             ops.divide_no_nan(loss_ratios, mean_present(loss_ratios)), 0.0
         )
         target_norms = mean_present(weighted_norms) * ops.power(rates, self.alpha)
-        gradient = present * ops.sign(weighted_norms - target_norms) * gradient_norms
+        gradient = ops.sign(weighted_norms - target_norms) * gradient_norms
 
-        step = self.loss_weights_adam.step(gradient)
-        updated = ops.maximum(
-            self.loss_weights - self.learning_rate * step, MIN_LOSS_WEIGHT
-        )
+        step = self.loss_weights_adam.step(gradient, present)
+        updated = ops.maximum(loss_weights - self.learning_rate * step, MIN_LOSS_WEIGHT)
         # The weights present are renormalised so that all still sum to T;
-        # an absent task keeps its weight.
-        kept = (1.0 - present) * self.loss_weights
-        scale = (self.num_tasks - ops.sum(kept)) / ops.sum(present * updated)
-        self.loss_weights.assign(kept + present * updated * scale)
+        # an absent task keeps its weight exactly.
+        kept = ops.sum(ops.where(present > 0, 0.0, loss_weights))
+        scale = ops.divide_no_nan(
+            self.num_tasks - kept, ops.sum(ops.where(present > 0, updated, 0.0))
+        )
+        self.loss_weights.assign(ops.where(present > 0, updated * scale, loss_weights))
 
     def get_config(self):
         return {

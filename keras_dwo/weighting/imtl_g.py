@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.gram import combination
+from keras_dwo.weighting.gram import finite_gram
 
 # Float32 cosines of parallel gradients are off by about 1e-7; a ridge three
 # orders above that keeps their solution equal for every task order.
@@ -43,7 +45,8 @@ class IMTLG(GradientWeighting):
     allows_representation = True
 
     def aggregate(self, jacobian, losses, training=True, present=None):
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        gram = finite_gram(raw_gram)
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
         # An absent task's row is zero, so it drops out with the others.
         del present
@@ -73,4 +76,4 @@ class IMTLG(GradientWeighting):
         weights = solution / ops.where(magnitude > 0, total, ops.ones_like(total))
         num_tasks = ops.shape(gram)[0]
         weights = ops.where(magnitude > 0, weights, 1.0 / num_tasks)
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, raw_gram)

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_dwo.layers.uncertainty_weighting import MAX_ABS_LOG_VARIANCE
+from keras_dwo.layers.uncertainty_weighting import Bounded
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import presence
 
@@ -18,6 +20,13 @@ class IMTLL(LossWeighting):
     `-log(sigma_i^2)`; it is kept under its own name because the paper pairs
     it with IMTL-G.
 
+    A task loss that stays at 0 (or a task weight of 0) drives its `s_i` up
+    at every step, without end; as for uncertainty weighting, the scales are
+    bounded to `[-20, 20]` (a constraint on the variable, which the
+    optimizer applies after each update, and clipping in the objective), so
+    the objective and the weights stay finite, at most `exp(20)`, about
+    `5e8`.
+
     Args:
         **kwargs: Passed to `LossWeighting`.
 
@@ -28,11 +37,16 @@ class IMTLL(LossWeighting):
 
     def build(self, task_names):
         super().build(task_names)
+        self.loss_scale_bounds = Bounded(-MAX_ABS_LOG_VARIANCE, MAX_ABS_LOG_VARIANCE)
         self.loss_scales = self.add_weight(
-            shape=(len(task_names),), initializer="zeros", name="loss_scales"
+            shape=(len(task_names),),
+            initializer="zeros",
+            constraint=self.loss_scale_bounds,
+            name="loss_scales",
         )
 
     def call(self, losses, training=False, present=None):
         present = presence(present, losses)
-        scales = ops.exp(self.loss_scales)
-        return ops.sum(present * (scales * losses - self.loss_scales)), present * scales
+        log_scales = self.loss_scale_bounds(self.loss_scales)
+        scales = ops.exp(log_scales)
+        return ops.sum(present * (scales * losses - log_scales)), present * scales

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
+from keras_dwo.weighting.gram import combination
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -85,7 +86,7 @@ class MGDA(GradientWeighting):
         inverse = 1.0 / self._normalizers(gram, losses)
         normalized_gram = gram * inverse[:, None] * inverse[None, :]
         weights = min_norm.simplex_min_norm(normalized_gram, present=present) * inverse
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, gram)
 
     def get_config(self):
         return {**super().get_config(), "normalization": self.normalization}

@@ -23,10 +23,14 @@ an approximation of the original one. The default `RIDGE = 1e-6` sits a few
 float32 roundings above the entries of the normalised matrix; measured
 against exact solutions it raises the minimum of MGDA's objective by at most
 about `1e-7 * trace(G)`. Candidates that come out non-finite are discarded;
-the single-task faces always give finite ones.
+the single-task faces always give finite ones. A Gram matrix with non-finite
+entries is first passed through `gram.finite_gram`, so the solves never see
+them.
 """
 
 from keras import ops
+
+from keras_dwo.weighting.gram import finite_gram
 
 MAX_TASKS = 12
 RIDGE = 1e-6
@@ -50,10 +54,14 @@ def check_num_tasks(num_tasks, method_name):
 def regularized_gram(gram, ridge=RIDGE):
     """Returns `G / trace(G) + ridge * I`, positive definite for any Gram matrix.
 
+    `G` is the Gram matrix made finite by `gram.finite_gram`. Where its trace
+    overflows, `G / trace(G)` is zero and the result `ridge * I`.
+
     Args:
         gram: `(T, T)` Gram matrix `J J^T`.
         ridge: Multiple of the identity added after the normalisation.
     """
+    gram = finite_gram(gram)
     trace = ops.trace(gram)
     scale = ops.where(trace > 0, trace, ops.ones_like(trace))
     return gram / scale + ridge * ops.eye(ops.shape(gram)[0], dtype=gram.dtype)

@@ -5,6 +5,8 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.gram import combination
+from keras_dwo.weighting.gram import finite_gram
 
 RIDGE = 1e-4
 
@@ -19,7 +21,8 @@ def bargaining_weights(gram, start, iterations):
     solution for this self-concordant `f` (Nesterov, "Introductory Lectures
     on Convex Optimization", section 4.1.5). It starts from whichever of
     `start` and the uniform vector has the lower `f`, each first scaled to the
-    minimum of `f` along its ray, where `alpha^T G alpha = T`.
+    minimum of `f` along its ray, where `alpha^T G alpha = T`; a start whose
+    `f` is not finite is never taken.
 
     Args:
         gram: `(T, T)` positive definite matrix `G`, best with unit diagonal.
@@ -40,7 +43,7 @@ def bargaining_weights(gram, start, iterations):
 
     warm = scaled_to_ray_minimum(start)
     uniform = scaled_to_ray_minimum(ops.ones_like(start))
-    alpha = ops.where(objective(uniform) < objective(warm), uniform, warm)
+    alpha = ops.where(objective(warm) <= objective(uniform), warm, uniform)
 
     def newton_step(_, alpha):
         gradient = ops.matmul(gram, alpha) - 1.0 / alpha
@@ -127,7 +130,8 @@ class NashMTL(GradientWeighting):
         )
 
     def aggregate(self, jacobian, losses, training=True, present=None):
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        gram = finite_gram(raw_gram)
         # The Frobenius norm, computed on a scaled copy whose squares cannot
         # overflow.
         largest = ops.max(ops.abs(gram))
@@ -166,7 +170,7 @@ class NashMTL(GradientWeighting):
                 ops.maximum(ops.sum(weights * ops.matmul(gram, weights)), 0.0)
             )
             weights = weights * ops.minimum(1.0, self.max_norm / (norm + 1e-6))
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, raw_gram)
 
     def get_config(self):
         return {

@@ -19,6 +19,12 @@ class Uncertainty(LossWeighting):
     task loss or a metric, not `loss`, in `EarlyStopping` or
     `ReduceLROnPlateau`.
 
+    A task loss that stays at 0 (or a task weight of 0) drives its `s_i`
+    down at every step; the log-variances are bounded to `[-20, 20]` (a
+    constraint on the variable, which the optimizer applies after each
+    update, and clipping in the objective), so the objective and the
+    weights stay finite, at most `exp(20)`, about `5e8`.
+
     Args:
         regression_tasks: Optional names of the regression tasks. When given,
             each term takes the paper's factors (1/2 for regression, 1 for

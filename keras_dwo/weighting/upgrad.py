@@ -6,6 +6,7 @@ from keras import ops
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.gram import combination
 
 # TorchJD's default regularisation of the normalised Gram matrix.
 RIDGE = 1e-4
@@ -51,4 +52,4 @@ class UPGrad(GradientWeighting):
         # task's zero row is orthogonal to all, so it is 0 in the others'.
         present = presence(present, losses)
         weights = ops.matmul(present, dual_weights) / ops.sum(present)
-        return ops.matmul(weights, jacobian), weights
+        return combination(weights, jacobian, gram)

@@ -1,0 +1,50 @@
+"""The Gram matrix of the task gradients, made safe for solvers.
+
+A NaN or an infinity in a task gradient, or a gradient whose squared norm
+overflows float32, makes its row and column of the Gram matrix `J J^T`
+non-finite. TensorFlow's and PyTorch's linear solves and eigen-decompositions
+raise on such a matrix (eagerly and under `tf.function` without XLA), which
+would end training from inside the step. The methods that solve or decompose
+the Gram matrix therefore pass it through `finite_gram` first, and return
+their result through `combination`, which makes it non-finite again so that
+the model's guard drops the step instead of applying it.
+"""
+
+from keras import ops
+
+
+def finite_gram(gram):
+    """Returns the Gram matrix with the rows and columns of non-finite tasks zeroed.
+
+    A task whose row holds a non-finite entry is treated like a task with a
+    zero gradient. What remains is the Gram matrix of the other tasks, a
+    principal submatrix of a positive semi-definite matrix, so it stays
+    symmetric positive semi-definite and each method's ridge keeps its systems
+    nonsingular. A finite matrix is returned unchanged.
+
+    Args:
+        gram: `(T, T)` Gram matrix, or any symmetric matrix built from it.
+
+    Returns:
+        The `(T, T)` matrix, with every entry finite.
+    """
+    finite_rows = ops.all(ops.isfinite(gram), axis=1)
+    kept = ops.logical_and(finite_rows[:, None], finite_rows[None, :])
+    return ops.where(kept, gram, ops.zeros_like(gram))
+
+
+def combination(weights, jacobian, gram):
+    """Returns `(weights @ jacobian, weights)`, both NaN where `gram` is not finite.
+
+    The weights found on `finite_gram(gram)` treat a task whose gradient is
+    not finite, or overflowed, as one with a zero gradient, and could put a
+    large coefficient on that huge gradient; such a step must not be
+    applied, so it is returned as non-finite for the guard that drops it.
+
+    Args:
+        weights: `(T,)` coefficients of the task gradients.
+        jacobian: `(T, P)` task gradients.
+        gram: The `(T, T)` Gram matrix `J J^T`, as computed (not sanitised).
+    """
+    weights = ops.where(ops.all(ops.isfinite(gram)), weights, float("nan"))
+    return ops.matmul(weights, jacobian), weights
