@@ -600,10 +600,12 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if not plan.shared_indices:
             warnings.warn(
                 f"The tasks share no trainable variable (is the backbone "
-                f"frozen?), so {self.weighting.name!r} has no task gradients to "
-                "combine: each task's variables train on its weighted loss. "
-                "After making shared layers trainable, compile the model again.",
-                stacklevel=2,
+                f"frozen?), so {type(self.weighting).__name__} has no task "
+                "gradients to combine: each task's variables train on its "
+                "weighted loss. After making shared layers trainable, compile "
+                "the model again.",
+                # Points at the user's `fit` (through `_prepare`).
+                stacklevel=4,
             )
         self._gradient_plan = plan
         return plan

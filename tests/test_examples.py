@@ -4,7 +4,8 @@ The examples run on any backend, and the library features they use are
 tested on every backend elsewhere. Each example takes from 10 to 40 seconds
 in quick mode, so to keep the test run short every example runs on one
 backend. The reproductions run on the default backend, TensorFlow, whose
-test run then takes no example; torch, the fastest here, takes four.
+test run then takes one example, transfer.py; torch, the fastest here, takes
+four.
 """
 
 import os
@@ -31,6 +32,7 @@ BACKEND_OF_EXAMPLE = {
     "shapes.py": "jax",
     "recommendation.py": "torch",
     "forecast.py": "torch",
+    "transfer.py": "tensorflow",
 }
 
 
