@@ -182,10 +182,14 @@ class GradientWeighting(LossWeighting):
 
         Usable without a model: an unbuilt method is built for `T` tasks
         named `task_0`, `task_1`, ... first. `present` is an optional `(T,)`
-        0/1 mask of the tasks that take part (see `aggregate`).
+        0/1 mask of the tasks that take part (see `aggregate`). A Jacobian
+        without rows (no task) gives a zero direction, as no task asks for
+        a change.
         """
         jacobian = ops.convert_to_tensor(jacobian, "float32")
         losses = ops.convert_to_tensor(losses, "float32")
+        if ops.shape(jacobian)[0] == 0:
+            return ops.zeros(ops.shape(jacobian)[1:], jacobian.dtype)
         if self.task_names is None:
             self.build([f"task_{i}" for i in range(ops.shape(jacobian)[0])])
         return self.aggregate(jacobian, losses, training=True, present=present)[0]

@@ -16,8 +16,8 @@ class MGDA(GradientWeighting):
 
     The direction is `d = sum_i w_i g_i / s_i` with `w` the minimiser of
     `||sum_i w_i g_i / s_i||` over the probability simplex: the Frank-Wolfe
-    problem of the paper, solved exactly by `min_norm.simplex_min_norm` (at
-    most `min_norm.MAX_TASKS` tasks). Unless it is zero, the direction has a
+    problem of the paper, solved exactly by `min_norm.simplex_min_norm` (for
+    any number of tasks). Unless it is zero, the direction has a
     positive inner product with every (normalised) task gradient, so a small
     enough step decreases every loss; it is zero only at a Pareto-stationary
     point. The normalisers `s_i` are
@@ -66,10 +66,6 @@ class MGDA(GradientWeighting):
                 f"{normalization!r}."
             )
         self.normalization = normalization
-
-    def build(self, task_names):
-        min_norm.check_num_tasks(len(task_names), type(self).__name__)
-        super().build(task_names)
 
     def _normalizers(self, gram, losses):
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))

@@ -7,9 +7,13 @@ from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.gram import combination
+from keras_dwo.weighting.gram import finite_gram
 
-# TorchJD's default regularisation of the normalised Gram matrix.
+# TorchJD's default size of the regularisation, here relative to each task's
+# own squared gradient norm.
 RIDGE = 1e-4
+# Relative to the trace, for the tasks whose gradient is zero.
+FLOOR = 1e-8
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -24,11 +28,18 @@ class UPGrad(GradientWeighting):
     `g_i` is `sum_j w^(i)_j g_j` with `w^(i) = argmin_{w >= e_i} w^T G w`
     (`G = J J^T`); the reported weights are the mean of the `w^(i)`, each at
     least `1/T`. The T problems are solved exactly by
-    `min_norm.lower_bounded_min_norm` (at most `min_norm.MAX_TASKS` tasks),
-    for the trace-normalised Gram matrix with TorchJD's default
-    regularisation `1e-4 * I`. TorchJD also replaces a Gram matrix whose trace
-    is below `1e-4` by zero, which makes UPGrad the mean for small gradients;
-    here the normalisation is scale-free instead.
+    `min_norm.lower_bounded_min_norm` (for any number of tasks).
+
+    The Gram matrix is regularised as `G + 1e-4 diag(G)`, plus `1e-8` of its
+    trace on the diagonal for zero gradients: the problem of a Jacobian
+    whose row `g_i` is extended by `1e-2 ||g_i||` in a coordinate of its own.
+    TorchJD adds `1e-4` times the identity to the trace-normalised matrix
+    instead; a ridge relative to each task keeps the method linear under a
+    positive scaling of the tasks (scaling `g_i` by `c_i` scales its
+    projection by `c_i`), which the paper proves for UPGrad, and lets a task
+    with a small gradient keep its share. The regularised direction meets
+    `g_j . d >= -1e-4 ||g_j||^2 w_j` for every task, and at a Pareto
+    stationary point its norm is of the order of `1e-2` of the gradients'.
 
     Args:
         **kwargs: Passed to `GradientWeighting`.
@@ -38,18 +49,16 @@ class UPGrad(GradientWeighting):
           Optimization", arXiv:2406.16232, 2024.
     """
 
-    def build(self, task_names):
-        min_norm.check_num_tasks(len(task_names), type(self).__name__)
-        super().build(task_names)
-
     def aggregate(self, jacobian, losses, training=True, present=None):
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        gram = finite_gram(raw_gram)
         num_tasks = ops.shape(gram)[0]
+        identity = ops.eye(num_tasks, dtype=gram.dtype)
         dual_weights = min_norm.lower_bounded_min_norm(
-            gram, ops.eye(num_tasks, dtype=gram.dtype), ridge=RIDGE
+            gram + RIDGE * identity * gram, identity, ridge=FLOOR
         )
         # The mean of the projections of the gradients present; an absent
         # task's zero row is orthogonal to all, so it is 0 in the others'.
         present = presence(present, losses)
         weights = ops.matmul(present, dual_weights) / ops.sum(present)
-        return combination(weights, jacobian, gram)
+        return combination(weights, jacobian, raw_gram)
