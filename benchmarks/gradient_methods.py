@@ -2,8 +2,9 @@
 
 The network is a multi-task MLP: 64 inputs, a shared trunk of two 256-unit
 ReLU layers and T one-unit regression heads (mean squared error each), for
-T = 2, 4 and 8, trained with Adam (learning rate 1e-3) on one synthetic batch
-of 256 samples whose targets pull the trunk in partly opposite directions.
+T = 2, 4 and 8 (with `--many`: T = 16, 32 and 64), trained with Adam
+(learning rate 1e-3) on one synthetic batch of 256 samples whose targets pull
+the trunk in partly opposite directions.
 
 Part A (every backend, the one `KERAS_BACKEND` picks): for every method in
 `keras_dwo.weighting.IDENTIFIERS` (aliases of the same method measured once),
@@ -43,6 +44,15 @@ columns, on a machine whose load changes. Everything runs in one process. On the
 PyTorch backend the script calls `torch.set_num_threads(1)`, which is faster
 for networks this small on CPU.
 
+`--many` measures many tasks: T = 16, 32 and 64, the gradient-level methods
+(and `equal`, the denominator) except PCGrad and GradVac, 2 steps per
+measurement and 7 rounds. The loss-level methods cost about what `equal`
+costs at every T. PCGrad and GradVac walk the `T (T - 1)` ordered task pairs
+one after another, which at T = 64 is 4032 unrolled projections: a torch
+step of several seconds, and minutes to build the JAX step; name them in
+`--methods` to measure them. `--tasks`, `--methods`, `--steps` and
+`--rounds` override the choices of `--many`.
+
 A method that fails to build or to train is left out of the tables ("error")
 and its traceback is printed after them.
 
@@ -53,6 +63,7 @@ Run it from the repository root, once per backend:
     KERAS_BACKEND=tensorflow python benchmarks/gradient_methods.py
     KERAS_BACKEND=torch python benchmarks/gradient_methods.py --tasks 4 \\
         --methods pcgrad upgrad --steps 10 --rounds 30
+    KERAS_BACKEND=jax python benchmarks/gradient_methods.py --many
     KERAS_BACKEND=jax python benchmarks/gradient_methods.py --quick
 
 `--quick` uses a tiny network and batch, T = 2, few steps and rounds: a smoke
@@ -93,6 +104,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(hidden=32, batch=32)
+MANY_TASKS = (16, 32, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +243,29 @@ def method_level(name):
 
     method = keras_dwo.weighting.get(name)
     return "gradient" if getattr(method, "needs_task_gradients", False) else "loss"
+
+
+# Gradient-level methods whose step grows with the number of task pairs.
+PAIRWISE = ("pcgrad", "gradvac")
+
+
+def many_task_methods(methods):
+    """`equal` and the gradient-level methods of `--many` among `methods`."""
+    return [
+        m
+        for m in methods
+        if m == "equal" or (method_level(m) == "gradient" and m not in PAIRWISE)
+    ]
+
+
+def keras_batch(x, targets):
+    """`synthetic_batch`'s arrays as backend tensors."""
+    import keras
+
+    return (
+        keras.ops.convert_to_tensor(x),
+        {name: keras.ops.convert_to_tensor(t) for name, t in targets.items()},
+    )
 
 
 def build_keras_model(method, num_tasks, sizes, seed=SEED):
@@ -507,13 +542,8 @@ def measure_tasks(num_tasks, methods, args, sizes, references, failures):
     Returns `{(side, method): median seconds per step}`, side being "ours",
     "torchjd" or "libmtl".
     """
-    import keras
-
     x, targets = synthetic_batch(num_tasks, sizes)
-    batch = (
-        keras.ops.convert_to_tensor(x),
-        {name: keras.ops.convert_to_tensor(t) for name, t in targets.items()},
-    )
+    batch = keras_batch(x, targets)
     factories = {
         ("ours", method): (
             lambda method=method: keras_runner(method, num_tasks, sizes, batch)
@@ -633,7 +663,8 @@ def main():
         "--tasks",
         type=int,
         nargs="+",
-        help="Numbers of tasks T (default: 2 4 8; 2 with --quick).",
+        help="Numbers of tasks T (default: 2 4 8; 2 with --quick; 16 32 64 "
+        "with --many).",
     )
     parser.add_argument(
         "--steps", type=int, help="Training steps per measurement (default: 5)."
@@ -653,12 +684,21 @@ def main():
         help="Tiny network and batch (hidden 32, batch 32), T=2, 2 steps, "
         "3 rounds: a smoke test.",
     )
+    parser.add_argument(
+        "--many",
+        action="store_true",
+        help="Many tasks: T=16 32 64, the gradient-level methods but PCGrad "
+        "and GradVac (and 'equal'), 2 steps, 7 rounds.",
+    )
     parser.add_argument("--json", metavar="PATH", help="Also write the medians here.")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    args.tasks = args.tasks or ([2] if args.quick else [2, 4, 8])
-    args.steps = args.steps or (2 if args.quick else 5)
-    args.rounds = args.rounds or (3 if args.quick else 15)
+    if args.quick and args.many:
+        parser.error("--quick and --many exclude each other.")
+    default_tasks = [2] if args.quick else list(MANY_TASKS) if args.many else [2, 4, 8]
+    args.tasks = args.tasks or default_tasks
+    args.steps = args.steps or (2 if args.quick or args.many else 5)
+    args.rounds = args.rounds or (3 if args.quick else 7 if args.many else 15)
     if min(args.tasks) < 2 or args.steps < 1 or args.rounds < 1:
         parser.error("--tasks must be at least 2, --steps and --rounds positive.")
 
@@ -678,6 +718,8 @@ def main():
         f"torchjd {package_version('torchjd')}, LibMTL {package_version('LibMTL')}"
     )
     methods = registered_methods(args.methods and ["equal", *args.methods])
+    if args.many and not args.methods:
+        methods = many_task_methods(methods)
     references = (None, None)
     if backend == "torch":
         references = (import_torchjd(), import_libmtl())

@@ -416,3 +416,25 @@ def test_many_task_model_step_lowers_every_loss(name):
     for task in y:
         assert after[f"{task}_loss"] <= before[f"{task}_loss"] + 1e-7
         assert np.isfinite(logs[f"{task}_weight"])
+
+
+def test_absent_tasks_are_left_out_of_the_active_set():
+    num_tasks = 12
+    jacobian = generated_jacobian(num_tasks, "random", seed=9)
+    present = np.ones(num_tasks, "float32")
+    present[[0, 5, 6, 11]] = 0.0
+    kept = present > 0
+    weights = to_numpy(
+        simplex_min_norm(tensor(jacobian @ jacobian.T), present=tensor(present))
+    )
+    np.testing.assert_array_equal(weights[~kept], 0.0)
+    gram = to_numpy(regularized(jacobian, min_norm.RIDGE)).astype("float64")
+    reference = quadprog_min_norm(gram[np.ix_(kept, kept)])
+    assert_same_minimum(
+        weights[kept], reference, gram[np.ix_(kept, kept)], jacobian[kept]
+    )
+    direction = to_numpy(
+        weighting.get("cagrad").combine(jacobian, np.ones(num_tasks), tensor(present))
+    )
+    alone = to_numpy(weighting.get("cagrad").combine(jacobian[kept], np.ones(8)))
+    np.testing.assert_allclose(direction, alone, rtol=1e-3, atol=1e-4)
