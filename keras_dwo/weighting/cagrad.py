@@ -209,9 +209,10 @@ class CAGrad(GradientWeighting):
     it exactly, for any number of tasks, on the trace-normalised Gram matrix
     with the ridge of `min_norm`. The direction is then divided by `1 + c^2`
     (`rescale=1`), by `1 + c` (`rescale=2`) or left as is (`rescale=0`).
-    With `c = 0` the direction is the mean gradient; as `c` grows it turns
-    towards the MGDA direction. The weights are `(1/T + (c ||g_0|| / ||g_w||) w_i)`
-    over the same rescaling.
+    For a single task the direction is `(1 + c) g` over the rescaling
+    (`1.2 g` with the defaults). With `c = 0` the direction is the mean
+    gradient; as `c` grows it turns towards the MGDA direction. The weights
+    are `(1/T + (c ||g_0|| / ||g_w||) w_i)` over the same rescaling.
 
     Args:
         c: Radius of the ball, relative to `||g_0||` (default 0.5, the

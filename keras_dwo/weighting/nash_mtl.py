@@ -89,7 +89,8 @@ class NashMTL(GradientWeighting):
     only reproduces the official behaviour. Also as there, the direction is
     scaled down to norm `max_norm` when longer; the reported weights include
     that factor, so they are the coefficients of the task gradients in the
-    direction.
+    direction. For a single task the solution is its unit gradient
+    `g / ||g||`.
 
     Args:
         update_every: Number of training steps between updates of `alpha`
