@@ -438,3 +438,31 @@ def test_absent_tasks_are_left_out_of_the_active_set():
     )
     alone = to_numpy(weighting.get("cagrad").combine(jacobian[kept], np.ones(8)))
     np.testing.assert_allclose(direction, alone, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("wrt", ["parameters", "representation"])
+def test_many_task_gradients_sum_to_the_equal_weighting_step(wrt):
+    # Past 8 tasks the JAX step takes the per-task gradients with one
+    # vectorised pullback instead of a loop; their sum must be the gradient
+    # of the summed losses.
+    import keras_dwo
+
+    from conftest import summed_gradients_method
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = {f"t{task}": rng.normal(size=(32, 1)).astype("float32") for task in range(12)}
+
+    def trained(method):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(shape=(4,))
+        trunk = keras.layers.Dense(8, activation="tanh", name="trunk")(inputs)
+        outputs = {task: keras.layers.Dense(1, name=task)(trunk) for task in y}
+        model = keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=method)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return [to_numpy(variable) for variable in model.trainable_variables]
+
+    expected = trained("equal")
+    for want, got in zip(expected, trained(summed_gradients_method(wrt=wrt))):
+        np.testing.assert_allclose(got, want, atol=1e-5)
