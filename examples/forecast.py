@@ -51,39 +51,56 @@ def load_series():
     return co2.interpolate().to_numpy("float32")
 
 
-def windows(series):
+def task_name(horizon):
+    """Returns the name of the task and head for a horizon in weeks."""
+    return f"h{horizon}"
+
+
+def windows(series, horizons=HORIZONS):
     """Returns inputs (the last WINDOW weeks, relative to the current one) and
-    the change to each horizon, for every week with a full window and all
-    horizons in the series."""
-    last = len(series) - max(HORIZONS)
+    the change to each horizon, keyed by task name, for every week with a full
+    window and all horizons in the series."""
+    last = len(series) - max(horizons)
     starts = np.arange(WINDOW - 1, last)
     x = np.stack([series[t - WINDOW + 1 : t + 1] - series[t] for t in starts])
     y = {
-        task: (series[starts + horizon] - series[starts])[:, None]
-        for task, horizon in zip(TASKS, HORIZONS)
+        task_name(horizon): (series[starts + horizon] - series[starts])[:, None]
+        for horizon in horizons
     }
     return x, y
 
 
-def load_data():
-    """Returns chronological train and held-out splits, standardised with the
-    training statistics, and the targets' scales (ppm per unit)."""
-    x, y = windows(load_series())
+def load_data(horizons=HORIZONS):
+    """Returns chronological train and held-out splits for the given horizons
+    (in weeks), standardised with the training statistics, and the targets'
+    scales (ppm per unit), keyed by task name."""
+    x, y = windows(load_series(), horizons)
     # Held-out targets must lie after every training target: a gap of the
-    # longest horizon keeps the 52-week changes of the two splits apart.
+    # longest horizon keeps the longest changes of the two splits apart.
     split = int(TRAIN_FRACTION * len(x))
-    train_idx = np.arange(split - max(HORIZONS))
+    train_idx = np.arange(split - max(horizons))
     test_idx = np.arange(split, len(x))
     x_scale = x[train_idx].std()
-    scales = {task: y[task][train_idx].std() for task in TASKS}
+    scales = {task: target[train_idx].std() for task, target in y.items()}
 
     def part(indices):
         return (
             x[indices] / x_scale,
-            {task: y[task][indices] / scales[task] for task in TASKS},
+            {task: y[task][indices] / scales[task] for task in y},
         )
 
     return part(train_idx), part(test_idx), scales
+
+
+def mean_change_errors(train, test, scales):
+    """Returns, per task, the held-out mean absolute error in ppm of the
+    trivial forecast: the mean change over the training weeks."""
+    _, y_train = train
+    _, y_test = test
+    return {
+        task: np.mean(np.abs(y_train[task].mean() - y_test[task])) * scales[task]
+        for task in y_test
+    }
 
 
 def build_model(weighting):
@@ -139,12 +156,7 @@ def print_table(results):
 
 
 def check_learned(results, train, test, scales):
-    _, y_train = train
-    _, y_test = test
-    trivial = {
-        task: np.mean(np.abs(y_train[task].mean() - y_test[task])) * scales[task]
-        for task in TASKS
-    }
+    trivial = mean_change_errors(train, test, scales)
     print(
         "Mean-change forecast MAE: "
         + ", ".join(f"{task} {trivial[task]:.3f}" for task in TASKS)
