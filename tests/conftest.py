@@ -1,5 +1,7 @@
 """Shared fixtures: every test runs on the backend that KERAS_BACKEND names."""
 
+import gc
+
 import keras
 import numpy as np
 import pytest
@@ -12,12 +14,55 @@ if keras.backend.backend() == "torch":
 
 BACKEND = keras.backend.backend()
 
+# One method of each path that a training step takes through the trainer.
+STEP_PATHS = {
+    "loss-level": "uncertainty",
+    "loss-level, updated after the step": "famo",
+    "gradient-level, parameters": "upgrad",
+    "gradient-level, representation": "mgda_ub",
+    "gradient-level, heads weighted": "gradnorm",
+}
+
+
+def every_on_torch(every, elsewhere=None):
+    """`every` on torch; on TensorFlow and JAX, those of `elsewhere` in it.
+
+    A sweep that trains a model per method compiles a step per method, which
+    is cheap on torch only. Every method's rule meets each backend's compiler
+    directly, in the compiled-against-eager and robustness tests; what a
+    model adds around the rule depends on the path of the step alone. So
+    TensorFlow and JAX take one method of each path, by default those of
+    STEP_PATHS, and torch, the fastest here, takes them all.
+    """
+    every = list(every)
+    if BACKEND == "torch":
+        return every
+    elsewhere = set(STEP_PATHS.values() if elsewhere is None else elsewhere)
+    chosen = [name for name in every if name in elsewhere]
+    assert chosen, f"none of {sorted(elsewhere)} in {every}"
+    return chosen
+
+
+# clear_session, before each test, collects garbage, which walks every
+# object alive: with a backend's modules, a quarter of a second or more.
+# Frozen after the collection, what is alive then is left out of the walks of
+# the tests that follow; each test file starts with a full collection.
+@pytest.fixture(autouse=True, scope="module")
+def _collect_everything_once_per_file():
+    gc.unfreeze()
+    yield
+
+
+def fresh_session():
+    keras.config.set_dtype_policy("float32")
+    keras.backend.clear_session()
+    gc.freeze()
+    keras.utils.set_random_seed(0)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_session():
-    keras.config.set_dtype_policy("float32")
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
+    fresh_session()
     yield
 
 

@@ -1,17 +1,21 @@
 """Trains the same model on one device and on two, and prints both results.
 
 Run as a script in a fresh process, because the devices must be configured
-before the backend starts: `python distributed_training.py WEIGHTING`. The
+before the backend starts: `python distributed_training.py WEIGHTING...`. The
 backend is KERAS_BACKEND's: TensorFlow uses `tf.distribute.MirroredStrategy`
 over two logical CPUs; JAX uses `keras.distribution.DataParallel` over two
-virtual CPU devices. Prints a JSON object with the histories and the final
-weighting state of each run.
+virtual CPU devices. Prints, for each weighting, a line with a JSON object:
+the histories and the final weighting state of each run, or the error that
+stopped them. One process serves every weighting, as starting the backend
+takes longer than the training.
 """
 
 import contextlib
+import functools
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
@@ -24,11 +28,18 @@ from conftest import two_task_model  # noqa: E402
 BACKEND = keras.backend.backend()
 
 
+@functools.cache
+def mirrored_strategy():
+    # One for the process: the collective ops of a second strategy would
+    # reuse the first one's instance keys for tensors of other shapes.
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 def two_device_scope():
     if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope()
+        return mirrored_strategy().scope()
     devices = keras.distribution.list_devices("cpu")
     assert len(devices) == 2, devices
     keras.distribution.set_distribution(
@@ -59,7 +70,14 @@ if __name__ == "__main__":
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2
         )
-    weighting = sys.argv[1]
-    one_device = train(weighting, contextlib.nullcontext)
-    two_devices = train(weighting, two_device_scope)
-    print(json.dumps({"one_device": one_device, "two_devices": two_devices}))
+    for weighting in sys.argv[1:]:
+        try:
+            # clear_session, at the start of each run, also unsets the
+            # distribution that the previous two-device run set.
+            result = {
+                "one_device": train(weighting, contextlib.nullcontext),
+                "two_devices": train(weighting, two_device_scope),
+            }
+        except Exception:
+            result = {"error": traceback.format_exc()}
+        print(json.dumps({"weighting": weighting, **result}), flush=True)

@@ -15,6 +15,7 @@ import keras_dwo
 
 from conftest import BACKEND
 from conftest import TWO_TASK_LOSSES
+from conftest import every_on_torch
 from conftest import to_numpy
 from conftest import two_task_data
 from conftest import two_task_model
@@ -40,19 +41,15 @@ ALL_METHODS = [
     "upgrad",
 ]
 # The guard is the trainer's, the same for every method, and every method's
-# rule meets bad input directly in test_method_robustness.py. Compiling a step
-# per method is cheap on torch only; elsewhere one method of each step path
-# runs: loss-level, learned state trained by the optimizer, update after the
-# step, per-task gradients, representation gradients, an iterative solver.
-METHODS = (
-    ALL_METHODS
-    if BACKEND == "torch"
-    else ["equal", "uncertainty", "famo", "upgrad", "mgda_ub", "nash_mtl"]
+# rule meets bad input directly in test_method_robustness.py. TensorFlow and
+# JAX take one method of each step path: loss-level, learned state trained by
+# the optimizer, update after the step, per-task gradients, representation
+# gradients, an iterative solver.
+METHODS = every_on_torch(
+    ALL_METHODS, ["equal", "uncertainty", "famo", "upgrad", "mgda_ub", "nash_mtl"]
 )
-MIXED_PRECISION_METHODS = (
-    ["gradnorm", "nash_mtl", "gradvac", "aligned_mtl"]
-    if BACKEND == "torch"
-    else ["gradnorm", "nash_mtl"]
+MIXED_PRECISION_METHODS = every_on_torch(
+    ["gradnorm", "nash_mtl", "gradvac", "aligned_mtl"], ["gradnorm", "nash_mtl"]
 )
 
 

@@ -6,12 +6,15 @@ import pytest
 import keras_dwo
 
 from conftest import TWO_TASK_LOSSES
+from conftest import fresh_session
 from conftest import two_task_data
 from conftest import two_task_model
 
 
-@pytest.fixture
+# The tests only read the history, so one fit serves them all.
+@pytest.fixture(scope="module")
 def history():
+    fresh_session()
     x, y = two_task_data()
     model = two_task_model("uncertainty")
     model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
