@@ -7,21 +7,34 @@ from keras import ops
 class StatefulTrainer:
     """Evaluation step and hooks for backends whose variables hold state."""
 
-    def global_task_losses(self, task_losses):
-        """Returns the task losses over all replicas and the replica count."""
-        return task_losses, 1
+    def global_task_losses(self, task_losses, label_counts, x):
+        """Returns the task losses and label counts of the global batch.
 
-    def global_label_counts(self, y, sample_weight):
-        """Returns the labelled samples per task over all replicas, or None."""
-        return self.count_task_labels(y, sample_weight)
+        Under data parallelism each replica holds a shard of the batch: the
+        task losses returned have the value that one device would compute on
+        the whole batch, and a gradient through the replica's own losses
+        which, once divided by the replica count and summed over the
+        replicas, is the whole batch's.
+
+        Args:
+            task_losses: The `(T,)` task losses of this replica's samples.
+            label_counts: None, or the `(T,)` labelled samples per task.
+            x: This replica's inputs.
+
+        Returns:
+            `(task_losses, label_counts, replicas)`.
+        """
+        del x
+        return task_losses, label_counts, 1
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
-        task_losses, _ = self.global_task_losses(
-            self.compute_task_losses(y, y_pred, sample_weight)
+        task_losses, label_counts, _ = self.global_task_losses(
+            self.compute_task_losses(y, y_pred, sample_weight),
+            self.count_task_labels(y, sample_weight),
+            x,
         )
-        label_counts = self.global_label_counts(y, sample_weight)
         objective, weights = self.compute_objective(
             task_losses, training=False, label_counts=label_counts
         )
@@ -35,8 +48,10 @@ class StatefulTrainer:
     ):
         """Evaluates the batch again and lets the method learn from the change."""
         y_pred = self(x, training=False)
-        losses_after, _ = self.global_task_losses(
-            self.compute_task_losses(y, y_pred, sample_weight)
+        losses_after, _, _ = self.global_task_losses(
+            self.compute_task_losses(y, y_pred, sample_weight),
+            self.count_task_labels(y, sample_weight),
+            x,
         )
         self.update_weighting(losses_before, losses_after, label_counts)
 

@@ -1,10 +1,15 @@
 """The PyTorch training step."""
 
+import math
+
 import keras
 import torch
 from keras.utils import unpack_x_y_sample_weight
 
+from keras_dwo.trainers import torch_processes
 from keras_dwo.trainers.stateful import StatefulTrainer
+from keras_dwo.trainers.torch_processes import process_count
+from keras_dwo.trainers.torch_processes import sum_over_processes
 
 
 def _gradients(target, sources, **kwargs):
@@ -16,6 +21,11 @@ def _gradients(target, sources, **kwargs):
     return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
 
 
+def _first_dimension(x):
+    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+    return first.shape[0]
+
+
 class TorchTrainer(StatefulTrainer):
     """`train_step` for the PyTorch backend (eager).
 
@@ -23,39 +33,140 @@ class TorchTrainer(StatefulTrainer):
     takes one `torch.autograd.grad` per task through the shared part of the
     graph, then one through the task-specific part. The step is applied only
     if `step_is_finite`; otherwise the method's state is put back.
+
+    When a `torch.distributed` process group is initialized (one process per
+    device, as `torchrun` starts them), the processes train data-parallel,
+    each on its own shard of every batch: the task losses and label counts
+    are summed over the processes, and so are the gradients, the per-task
+    gradients before the method combines them, so that every process takes
+    the step that one process would take on the whole batch and the method's
+    state stays the same on every process. `DistributedDataParallel` is not
+    used: its hooks do not fire in a step that calls `torch.autograd.grad`.
     """
 
-    def _objective_gradients(self, task_losses, label_counts):
+    def fit(self, x=None, y=None, *args, **kwargs):
+        self._copied_from_first_process = False
+        if process_count() > 1:
+            self._check_same_steps(x, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
+    def _check_same_steps(self, x, fit_arguments):
+        # A process with a step more than the others would wait for them
+        # forever in that step's first exchange.
+        from keras_dwo.model import _batch_size
+        from keras_dwo.model import _is_arrays
+
+        if not _is_arrays(x) or fit_arguments.get("steps_per_epoch") is not None:
+            return
+        samples = _batch_size(x)
+        split = fit_arguments.get("validation_split") or 0.0
+        samples = math.ceil(samples * (1.0 - split))
+        batch_size = fit_arguments.get("batch_size") or 32
+        steps = math.ceil(samples / batch_size)
+        fewest, most = torch_processes.range_over_processes(steps)
+        if fewest != most:
+            raise ValueError(
+                f"Every process must take the same number of steps per epoch, "
+                f"but with batch_size={batch_size} they take from {fewest} to "
+                f"{most}: give each process a shard of the same length, or "
+                "pass steps_per_epoch."
+            )
+
+    def global_task_losses(self, task_losses, label_counts, x):
+        processes = process_count()
+        if processes == 1:
+            return task_losses, label_counts, 1
+        # Each process's losses are means over its own samples; the global
+        # loss is their mean weighted by the samples each has.
+        counts = label_counts
+        if counts is None:
+            counts = torch.full_like(task_losses, float(_first_dimension(x)))
+        local = task_losses.detach()
+        total, total_counts = sum_over_processes([counts * local, counts])
+        share = counts / torch.clamp(total_counts, min=1.0)
+        losses = total / torch.clamp(total_counts, min=1.0)
+        losses = losses + processes * share * (task_losses - local)
+        return losses, None if label_counts is None else total_counts, processes
+
+    def get_metrics_result(self):
+        """The metrics over every process's samples.
+
+        The compiled metrics are summed over the processes for the result and
+        then put back, so that each process keeps counting its own samples;
+        the loss and task logs are already global.
+        """
+        if process_count() == 1:
+            return super().get_metrics_result()
+        own = (self._loss_tracker, getattr(self, "task_tracker", None))
+        variables = [
+            v
+            for metric in self.metrics
+            if not any(metric is m for m in own)
+            for v in metric.variables
+        ]
+        local = [v.value.clone() for v in variables]
+        for variable, total in zip(variables, sum_over_processes(local)):
+            variable.assign(total)
+        results = keras.tree.map_structure(
+            lambda value: value.clone() if torch.is_tensor(value) else value,
+            super().get_metrics_result(),
+        )
+        for variable, value in zip(variables, local):
+            variable.assign(value)
+        return results
+
+    def _objective_gradients(self, task_losses, label_counts, processes):
         objective, weights = self.compute_objective(
             task_losses, training=True, label_counts=label_counts
         )
         variables = [v.value for v in self.trainable_variables]
-        gradients = _gradients(self.optimizer.scale_loss(objective), variables)
+        scaled = self.optimizer.scale_loss(objective / processes)
+        gradients = _gradients(scaled, variables)
+        if processes > 1:
+            gradients = sum_over_processes(gradients)
         return objective, weights, gradients
 
-    def _combined_gradients(self, task_losses, label_counts, representation):
+    def _combined_gradients(self, task_losses, label_counts, processes, trunk_output):
         plan = self.gradient_plan()
         variables = [v.value for v in self.trainable_variables]
         shared = [variables[i] for i in plan.shared_indices]
         others = [variables[i] for i in plan.other_indices]
-        scaled_losses = self.optimizer.scale_loss(self.task_weights.value * task_losses)
-        sources = shared if representation is None else representation
+        scaled_losses = self.optimizer.scale_loss(
+            self.task_weights.value * task_losses / processes
+        )
+        sources = shared if trunk_output is None else trunk_output
         rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
         task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
+        if processes > 1 and trunk_output is None:
+            task_gradients = sum_over_processes(task_gradients)
+        elif processes > 1:
+            # The representation's rows are samples: the processes' rows
+            # together are the whole batch's.
+            task_gradients, start, size = torch_processes.gather_over_processes(
+                task_gradients, axis=1
+            )
         objective, _ = self.compute_objective(
             task_losses.detach(), label_counts=label_counts
         )
         combined, weights, head_weights = self.combine_task_gradients(
             task_gradients, task_losses.detach(), label_counts
         )
-        if representation is not None:
-            combined = _gradients(representation, shared, grad_outputs=combined)
+        if trunk_output is not None:
+            if processes > 1:
+                combined = [c[start : start + size] for c in combined]
+            combined = _gradients(trunk_output, shared, grad_outputs=combined)
+        other_gradients = _gradients(scaled_losses, others, grad_outputs=head_weights)
+        if processes > 1 and trunk_output is None:
+            other_gradients = sum_over_processes(other_gradients)
+        elif processes > 1:
+            summed = sum_over_processes(other_gradients + combined)
+            other_gradients, combined = summed[: len(others)], summed[len(others) :]
         gradients = [None] * len(variables)
         for index, gradient in zip(plan.shared_indices, combined):
             gradients[index] = gradient
-        other_gradients = _gradients(scaled_losses, others, grad_outputs=head_weights)
         for index, gradient in zip(plan.other_indices, other_gradients):
             gradients[index] = gradient
+        # The same on every process: neither divided nor summed.
         regularization = self.regularization_loss()
         if regularization is not None:
             scaled = self.optimizer.scale_loss(regularization)
@@ -79,28 +190,43 @@ class TorchTrainer(StatefulTrainer):
                 [torch.full_like(g, float("nan")) for g in gradients], variables
             )
 
+    def _copy_from_first_process(self):
+        """Starts every process from process 0's variables, as DDP does."""
+        if getattr(self, "_copied_from_first_process", False):
+            return
+        variables = list(self.variables)
+        if self.optimizer.built:
+            variables += self.optimizer.variables
+        torch_processes.copy_from_first_process(variables)
+        self._copied_from_first_process = True
+
     def train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
+        if process_count() > 1:
+            self._copy_from_first_process()
         uses_task_gradients = self.uses_task_gradients()
-        representation = None
+        trunk_output = None
         if uses_task_gradients and self.gradient_plan().trunk is not None:
             plan = self.gradient_plan()
-            representation = keras.tree.flatten(plan.trunk(x, training=True))
-            y_pred = self.outputs_like_model(plan.heads(representation, training=True))
+            trunk_output = keras.tree.flatten(plan.trunk(x, training=True))
+            y_pred = self.outputs_like_model(plan.heads(trunk_output, training=True))
         else:
             y_pred = self(x, training=True)
-        task_losses = self.compute_task_losses(y, y_pred, sample_weight)
+        task_losses, label_counts, processes = self.global_task_losses(
+            self.compute_task_losses(y, y_pred, sample_weight),
+            self.count_task_labels(y, sample_weight),
+            x,
+        )
         detached = task_losses.detach()
-        label_counts = self.count_task_labels(y, sample_weight)
         state = self.weighting.non_trainable_variables
         previous = [v.value.clone() for v in state]
         if uses_task_gradients:
             objective, weights, gradients = self._combined_gradients(
-                task_losses, label_counts, representation
+                task_losses, label_counts, processes, trunk_output
             )
         else:
             objective, weights, gradients = self._objective_gradients(
-                task_losses, label_counts
+                task_losses, label_counts, processes
             )
         objective = objective.detach()
         applied = bool(

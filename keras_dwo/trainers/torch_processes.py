@@ -1,0 +1,83 @@
+"""Communication between the processes of data-parallel training on torch.
+
+`torch.distributed` is used as `torchrun` sets it up: one process per
+device, each reading its own shard of the data. Each helper sends one
+message per call and per dtype, whatever the number of tensors.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def process_count():
+    """The number of processes that train together: 1 without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _by_dtype(tensors):
+    groups = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(index)
+    return groups.values()
+
+
+def sum_over_processes(tensors):
+    """Returns each tensor summed over the processes (detached)."""
+    tensors = list(tensors)
+    sums = [None] * len(tensors)
+    for indices in _by_dtype(tensors):
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+        dist.all_reduce(flat)
+        pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            sums[i] = piece.reshape(tensors[i].shape)
+    return sums
+
+
+def copy_from_first_process(variables):
+    """Assigns every process's `variables` the values of process 0's."""
+    values = [v.value for v in variables]
+    for indices in _by_dtype(values):
+        flat = torch.cat([values[i].detach().reshape(-1) for i in indices])
+        dist.broadcast(flat, src=0)
+        pieces = torch.split(flat, [values[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            variables[i].assign(piece.reshape(values[i].shape))
+
+
+def gather_over_processes(tensors, axis):
+    """Concatenates each tensor along `axis` over the processes, in rank order.
+
+    The processes may hold different sizes along `axis` (the last batch of
+    an epoch); every other dimension must agree.
+
+    Returns:
+        `(gathered, start, size)`: the concatenated tensors (detached), and
+        where this process's part lies along `axis`.
+    """
+    size = tensors[0].shape[axis]
+    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(process_count())]
+    dist.all_gather(sizes, torch.tensor(size, dtype=torch.int64))
+    sizes = [int(s) for s in sizes]
+    largest = max(sizes)
+    gathered = []
+    for tensor in tensors:
+        tensor = tensor.detach().movedim(axis, 0)
+        padded = torch.zeros(
+            (largest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+        )
+        padded[:size] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        whole = torch.cat([part[:count] for part, count in zip(parts, sizes)])
+        gathered.append(whole.movedim(0, axis))
+    return gathered, sum(sizes[: dist.get_rank()]), size
+
+
+def range_over_processes(value):
+    """Returns `(smallest, largest)` of an integer over the processes."""
+    extremes = torch.tensor([-value, value], dtype=torch.int64)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return -int(extremes[0]), int(extremes[1])
