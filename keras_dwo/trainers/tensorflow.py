@@ -1,5 +1,7 @@
 """The TensorFlow training step."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 from keras.utils import unpack_x_y_sample_weight
@@ -12,6 +14,30 @@ def _zeros_for_none(gradients, sources):
     return [tf.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
 
 
+def _as_list(grads_and_vars):
+    return list(grads_and_vars)
+
+
+@contextlib.contextmanager
+def _gradients_already_summed(optimizer):
+    """Keeps Keras's optimizer from summing the replicas' gradients again.
+
+    Within the context, `optimizer.apply` takes the gradients as the sums
+    over the replicas that they already are.
+    """
+    optimizers = [optimizer]
+    if getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizers.append(optimizer.inner_optimizer)
+    for each in optimizers:
+        # Set past the optimizer's attribute tracking, and removed after.
+        object.__setattr__(each, "_all_reduce_sum_gradients", _as_list)
+    try:
+        yield
+    finally:
+        for each in optimizers:
+            object.__delattr__(each, "_all_reduce_sum_gradients")
+
+
 class TensorFlowTrainer(StatefulTrainer):
     """`train_step` for the TensorFlow backend, under `tf.function` and XLA.
 
@@ -22,8 +48,11 @@ class TensorFlowTrainer(StatefulTrainer):
     losses; it then divides the objective by R, because the strategy sums the
     replicas' gradients. Gradient-level methods are not linear in the
     gradients, so their per-task gradients are summed over the replicas
-    before they are combined. The learned weighting state and the optimizer
-    update therefore match one device's for every method.
+    before they are combined; the combined direction is then the same on
+    every replica, so the head gradients are summed with it and the
+    optimizer applies them without summing again. The learned weighting
+    state and the optimizer update therefore match one device's for every
+    method.
     """
 
     def fit(self, *args, **kwargs):
@@ -40,39 +69,39 @@ class TensorFlowTrainer(StatefulTrainer):
         replicas = 1 if context is None else context.num_replicas_in_sync
         return context, replicas
 
-    def global_task_losses(self, task_losses):
+    def global_task_losses(self, task_losses, label_counts, x):
+        del x
         context, replicas = self._replica_context()
         if replicas == 1:
-            return task_losses, 1
+            return task_losses, label_counts, 1
         local = tf.stop_gradient(task_losses)
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-        return total + replicas * (task_losses - local), replicas
+        if label_counts is not None:
+            label_counts = context.all_reduce(tf.distribute.ReduceOp.SUM, label_counts)
+        return total + replicas * (task_losses - local), label_counts, replicas
 
-    def global_label_counts(self, y, sample_weight):
-        label_counts = self.count_task_labels(y, sample_weight)
-        context, replicas = self._replica_context()
-        if label_counts is None or replicas == 1:
-            return label_counts
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, label_counts)
-
-    def _apply_if_finite(self, finite, gradients, variables):
+    def _apply_if_finite(self, finite, gradients, variables, summed):
         # The optimizer synchronises replicas with `merge_call`, which a
         # `tf.cond` in replica context cannot contain; the condition is taken
         # in cross-replica context instead, as LossScaleOptimizer does.
         # A LossScaleOptimizer is handed non-finite gradients instead of a
         # skipped step, so that it lowers its loss scale as it does for a
-        # plain model.
+        # plain model. `summed`: the gradients are already sums over the
+        # replicas.
+        summing = _gradients_already_summed if summed else contextlib.nullcontext
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             nan = tf.constant(float("nan"))
             gradients = [tf.where(finite, g, tf.cast(nan, g.dtype)) for g in gradients]
-            self.optimizer.apply(gradients, variables)
+            with summing(self.optimizer):
+                self.optimizer.apply(gradients, variables)
             return
 
         def cross_replica(distribution, finite, gradients):
             def apply():
-                distribution.extended.call_for_each_replica(
-                    self.optimizer.apply, args=(gradients, variables)
-                )
+                with summing(self.optimizer):
+                    distribution.extended.call_for_each_replica(
+                        self.optimizer.apply, args=(gradients, variables)
+                    )
                 return tf.constant(True)
 
             finite = distribution.experimental_local_results(finite)[0]
@@ -86,10 +115,11 @@ class TensorFlowTrainer(StatefulTrainer):
         """One backward pass through the objective of a loss-level method."""
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            task_losses, replicas = self.global_task_losses(
-                self.compute_task_losses(y, y_pred, sample_weight)
+            task_losses, label_counts, replicas = self.global_task_losses(
+                self.compute_task_losses(y, y_pred, sample_weight),
+                self.count_task_labels(y, sample_weight),
+                x,
             )
-            label_counts = self.global_label_counts(y, sample_weight)
             objective, weights = self.compute_objective(
                 task_losses, training=True, label_counts=label_counts
             )
@@ -121,17 +151,20 @@ class TensorFlowTrainer(StatefulTrainer):
                 y_pred = self.outputs_like_model(
                     plan.heads(representation, training=True)
                 )
-            task_losses, replicas = self.global_task_losses(
-                self.compute_task_losses(y, y_pred, sample_weight)
+            task_losses, label_counts, replicas = self.global_task_losses(
+                self.compute_task_losses(y, y_pred, sample_weight),
+                self.count_task_labels(y, sample_weight),
+                x,
             )
             scaled_losses = self.optimizer.scale_loss(
                 self.task_weights * task_losses / replicas
             )
             # Sliced under the tape, so that each slice has a recorded path.
             per_task_losses = tf.unstack(scaled_losses)
+            # The same on every replica, whose gradients are not summed.
             regularization = self.regularization_loss()
             if regularization is not None:
-                regularization = self.optimizer.scale_loss(regularization / replicas)
+                regularization = self.optimizer.scale_loss(regularization)
         sources = shared if plan.trunk is None else representation
         rows = [
             _zeros_for_none(tape.gradient(task_loss, sources), sources)
@@ -143,15 +176,12 @@ class TensorFlowTrainer(StatefulTrainer):
                 tf.distribute.ReduceOp.SUM, task_gradients
             )
         task_losses = tf.stop_gradient(task_losses)
-        label_counts = self.global_label_counts(y, sample_weight)
         objective, _ = self.compute_objective(task_losses, label_counts=label_counts)
         combined, weights, head_weights = self.combine_task_gradients(
             task_gradients, task_losses, label_counts
         )
         if plan.trunk is None:
-            # The strategy sums the replicas' gradients of the shared
-            # variables; each replica holds the global direction.
-            shared_gradients = [g / replicas for g in combined]
+            shared_gradients = combined
         else:
             shared_gradients = _zeros_for_none(
                 tape.gradient(representation, shared, output_gradients=combined),
@@ -161,6 +191,10 @@ class TensorFlowTrainer(StatefulTrainer):
             tape.gradient(scaled_losses, others, output_gradients=head_weights),
             others,
         )
+        if replicas > 1 and other_gradients:
+            other_gradients = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, other_gradients
+            )
         gradients = [None] * len(variables)
         for index, gradient in zip(plan.shared_indices, shared_gradients):
             gradients[index] = gradient
@@ -185,7 +219,9 @@ class TensorFlowTrainer(StatefulTrainer):
         # applied restores it.
         state = self.weighting.non_trainable_variables
         previous = [tf.identity(v.value) for v in state]
-        if self.uses_task_gradients():
+        # A gradient-level step's gradients are sums over the replicas.
+        summed = self.uses_task_gradients()
+        if summed:
             step = self._combined_gradients(x, y, sample_weight)
         else:
             step = self._objective_gradients(x, y, sample_weight)
@@ -196,7 +232,9 @@ class TensorFlowTrainer(StatefulTrainer):
             task_losses, objective, gradients, [v.value for v in state]
         )
         self.apply_keeping_absent_tasks(
-            lambda: self._apply_if_finite(finite, gradients, self.trainable_variables),
+            lambda: self._apply_if_finite(
+                finite, gradients, self.trainable_variables, summed
+            ),
             label_counts,
         )
         keep_state = finite
