@@ -95,6 +95,15 @@ def two_task_model(weighting="equal", regularizer=None, **kwargs):
 TWO_TASK_LOSSES = {"label": "sparse_categorical_crossentropy", "value": "mse"}
 
 
+def replica_test_optimizer():
+    """The optimizer of the tests that train on several replicas.
+
+    SGD, unlike Adam, takes a step twice as long from gradients twice as
+    large, so a replica's gradient summed twice, or not at all, shows.
+    """
+    return keras.optimizers.SGD(0.05, momentum=0.5)
+
+
 def to_numpy(value):
     return keras.ops.convert_to_numpy(value)
 

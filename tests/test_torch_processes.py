@@ -5,15 +5,16 @@ global batch, against one process on the whole batches: the same losses,
 metrics, variables and method state, and the same on both processes.
 """
 
-import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import describe
+from processes import free_ports
+from processes import parse_json_lines
+from processes import run_together
 
 from conftest import BACKEND
 
@@ -40,59 +41,22 @@ CASES = [
 UNEQUAL = "equal:short"
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _parse(stdout):
-    found = {}
-    for line in stdout.splitlines():
-        if line.startswith("{"):
-            result = json.loads(line)
-            found[result.pop("case")] = result
-    return found
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results():
     """(one process, [process 0, process 1]): {case: what the script printed}."""
-    port = _free_port()
+    (port,) = free_ports(1)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = str(SCRIPT)
     commands = [
-        [sys.executable, str(SCRIPT), "0", "1", "0", *CASES],
+        [sys.executable, script, "0", "1", "0", *CASES],
         *(
-            [sys.executable, str(SCRIPT), str(rank), "2", str(port), *CASES, UNEQUAL]
+            [sys.executable, script, str(rank), "2", str(port), *CASES, UNEQUAL]
             for rank in (0, 1)
         ),
     ]
-    # Files, not pipes: a process whose full pipe nobody reads yet would
-    # stop, and the other process would wait for it in a collective.
-    folder = tmp_path_factory.mktemp("torch_processes")
-    outputs = [folder / f"{index}.out" for index in range(len(commands))]
-    errors = [folder / f"{index}.err" for index in range(len(commands))]
-    processes = []
-    try:
-        for command, output, error in zip(commands, outputs, errors):
-            with open(output, "w") as stdout, open(error, "w") as stderr:
-                processes.append(
-                    subprocess.Popen(
-                        command,
-                        stdout=stdout,
-                        stderr=stderr,
-                        text=True,
-                        cwd=SCRIPT.parent,
-                        env=env,
-                    )
-                )
-        for process, error in zip(processes, errors):
-            process.wait(timeout=900)
-            assert process.returncode == 0, error.read_text()[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
-    found = [_parse(output.read_text()) for output in outputs]
+    finished = run_together(commands, [env] * len(commands))
+    assert all(process.returncode == 0 for process in finished), describe(finished)
+    found = [parse_json_lines(process.stdout, "case") for process in finished]
     return found[0], found[1:]
 
 

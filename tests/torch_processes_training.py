@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from conftest import TWO_TASK_LOSSES  # noqa: E402
+from conftest import replica_test_optimizer  # noqa: E402
 from conftest import two_task_data  # noqa: E402
 from conftest import two_task_model  # noqa: E402
 
@@ -54,7 +55,7 @@ def train(case, rank, processes):
         y = {**y, "value": value}
     model = two_task_model(weighting, **options)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+        optimizer=replica_test_optimizer(),
         loss=TWO_TASK_LOSSES,
         metrics={"label": "accuracy"},
     )
