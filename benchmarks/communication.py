@@ -1,0 +1,220 @@
+"""Elements exchanged between replicas per training step, by method.
+
+Data-parallel training exchanges, each step, what makes every replica take
+the step that one device would take on the whole batch. This script counts
+the elements (floats and integers) that one replica sends into collective
+operations in one training step of a two-replica run, for each method and
+number of tasks T:
+
+- torch: two processes of a gloo group on 127.0.0.1, each training on half
+  of every batch; the script wraps `torch.distributed.all_reduce`,
+  `all_gather` and `broadcast` and counts the elements of the tensors it
+  hands them during one step (after a first step, which also copies process
+  0's variables).
+- TensorFlow: `tf.distribute.MirroredStrategy` over two logical CPUs; the
+  script wraps `ReplicaContext.all_reduce` and counts, while the step is
+  traced, the elements of the values one replica hands it (Keras's optimizer
+  sums the gradients with the same call).
+
+The model: 64 inputs, a shared trunk of two 128-unit ReLU layers (24,832
+shared parameters), and T one-unit regression heads (129 parameters each);
+batch 64; SGD. The table gives, per method, the elements per step and the
+ratio to T x (shared parameters), the size of the per-task gradients that a
+gradient-level method sums before it combines them.
+
+Run it from the repository root:
+
+    python benchmarks/communication.py
+    python benchmarks/communication.py --backend torch --tasks 2 8
+"""
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+BACKENDS = ("tensorflow", "torch")
+METHODS = ("equal", "uncertainty", "famo", "upgrad", "mgda", "pcgrad", "imtl_g")
+INPUTS = 64
+UNITS = 128
+BATCH = 64
+
+
+def build_model(method, tasks):
+    import keras
+
+    import keras_dwo
+
+    inputs = keras.Input(shape=(INPUTS,))
+    hidden = keras.layers.Dense(UNITS, activation="relu")(inputs)
+    hidden = keras.layers.Dense(UNITS, activation="relu")(hidden)
+    outputs = {f"task_{i}": keras.layers.Dense(1)(hidden) for i in range(tasks)}
+    model = keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=method)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def data(tasks, samples):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(samples, INPUTS)).astype("float32")
+    y = {
+        f"task_{i}": rng.normal(size=(samples, 1)).astype("float32")
+        for i in range(tasks)
+    }
+    return x, y
+
+
+def shared_parameters():
+    return INPUTS * UNITS + UNITS + UNITS * UNITS + UNITS
+
+
+def count_torch(rank, port, methods, task_counts):
+    """Elements this process sends per step; run in each of two processes."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    sent = [0]
+    originals = {}
+
+    def counting(name):
+        original = getattr(dist, name)
+        originals[name] = original
+
+        def wrapper(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else args[0]
+            sent[0] += tensor.numel()
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("all_reduce", "all_gather", "broadcast"):
+        setattr(dist, name, counting(name))
+    results = {}
+    for tasks in task_counts:
+        x, y = data(tasks, 4 * BATCH)
+        half = BATCH // 2
+        x = x.reshape(-1, BATCH, INPUTS)[:, rank * half : (rank + 1) * half]
+        x = x.reshape(-1, INPUTS)
+        y = {
+            name: v.reshape(-1, BATCH, 1)[:, rank * half : (rank + 1) * half].reshape(
+                -1, 1
+            )
+            for name, v in y.items()
+        }
+        for method in methods:
+            model = build_model(method, tasks)
+            # The first step also copies process 0's variables.
+            model.fit(x[:half], {k: v[:half] for k, v in y.items()}, verbose=0)
+            sent[0] = 0
+            step = slice(half, 2 * half)
+            model.train_on_batch(x[step], {k: v[step] for k, v in y.items()})
+            results[f"{method}/{tasks}"] = sent[0]
+    dist.destroy_process_group()
+    return results
+
+
+def count_tensorflow(methods, task_counts):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    from tensorflow.python.distribute import distribute_lib
+
+    sent = [0]
+    original = distribute_lib.ReplicaContext.all_reduce
+
+    def counting(self, reduce_op, value, options=None):
+        for tensor in tf.nest.flatten(value):
+            sent[0] += int(np.prod(tensor.shape))
+        return original(self, reduce_op, value, options)
+
+    distribute_lib.ReplicaContext.all_reduce = counting
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {}
+    for tasks in task_counts:
+        x, y = data(tasks, BATCH)
+        for method in methods:
+            with strategy.scope():
+                model = build_model(method, tasks)
+            sent[0] = 0
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+            # Traced once for two replicas: what one replica sends.
+            results[f"{method}/{tasks}"] = sent[0] // 2
+    return results
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_backend(backend, methods, task_counts):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    common = ["--methods", *methods, "--tasks", *map(str, task_counts)]
+    if backend == "tensorflow":
+        commands = [[sys.executable, __file__, "--worker", "tensorflow", *common]]
+    else:
+        port = str(_free_port())
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        commands = [
+            [sys.executable, __file__, "--worker", f"torch:{rank}:{port}", *common]
+            for rank in (0, 1)
+        ]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        for command in commands
+    ]
+    outputs = [process.communicate(timeout=1800)[0] for process in processes]
+    for process in processes:
+        if process.returncode:
+            raise SystemExit(f"{backend} worker failed ({process.returncode})")
+    return json.loads(outputs[0].strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, action="append")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 8])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker == "tensorflow":
+        print(json.dumps(count_tensorflow(arguments.methods, arguments.tasks)))
+        return
+    if arguments.worker:
+        _, rank, port = arguments.worker.split(":")
+        counts = count_torch(int(rank), int(port), arguments.methods, arguments.tasks)
+        print(json.dumps(counts))
+        return
+    shared = shared_parameters()
+    print(f"shared parameters P = {shared:,}; elements sent per step by one replica")
+    print(f"{'backend':<11} {'method':<12} {'T':>3} {'elements':>10} {'/ (T P)':>8}")
+    for backend in arguments.backend or BACKENDS:
+        counts = run_backend(backend, arguments.methods, arguments.tasks)
+        for tasks in arguments.tasks:
+            for method in arguments.methods:
+                sent = counts[f"{method}/{tasks}"]
+                ratio = sent / (tasks * shared)
+                print(
+                    f"{backend:<11} {method:<12} {tasks:>3} {sent:>10,} {ratio:>8.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
