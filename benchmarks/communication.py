@@ -15,6 +15,10 @@ number of tasks T:
   script wraps `ReplicaContext.all_reduce` and counts, while the step is
   traced, the elements of the values one replica hands it (Keras's optimizer
   sums the gradients with the same call).
+- JAX: `keras.distribution.DataParallel` over two virtual CPU devices; the
+  script compiles the training step for a batch sharded over them and adds
+  up the results of the collective operations in the compiled HLO (the
+  elements each device receives from an all-reduce equal those it sends).
 
 The model: 64 inputs, a shared trunk of two 128-unit ReLU layers (24,832
 shared parameters), and T one-unit regression heads (129 parameters each);
@@ -32,13 +36,15 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-BACKENDS = ("tensorflow", "torch")
+BACKENDS = ("tensorflow", "jax", "torch")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute")
 METHODS = ("equal", "uncertainty", "famo", "upgrad", "mgda", "pcgrad", "imtl_g")
 INPUTS = 64
 UNITS = 128
@@ -158,6 +164,46 @@ def count_tensorflow(methods, task_counts):
     return results
 
 
+def hlo_collective_elements(hlo):
+    """Elements produced by the collective operations of compiled HLO text."""
+    total = 0
+    for line in hlo.splitlines():
+        match = re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if match is None:
+            continue
+        for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(1)):
+            total += int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def count_jax(methods, task_counts):
+    import jax
+    import keras
+
+    devices = keras.distribution.list_devices("cpu")
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    results = {}
+    for tasks in task_counts:
+        x, y = data(tasks, BATCH)
+        for method in methods:
+            model = build_model(method, tasks)
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+            state = (
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                [v.value for v in model.optimizer.variables],
+                [v.value for v in model.metrics_variables],
+            )
+            batch = jax.device_put((x, y, None), by_batch)
+            compiled = jax.jit(model.train_step).lower(state, batch).compile()
+            results[f"{method}/{tasks}"] = hlo_collective_elements(compiled.as_text())
+    return results
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -167,8 +213,9 @@ def _free_port():
 def run_backend(backend, methods, task_counts):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     common = ["--methods", *methods, "--tasks", *map(str, task_counts)]
-    if backend == "tensorflow":
-        commands = [[sys.executable, __file__, "--worker", "tensorflow", *common]]
+    if backend in ("tensorflow", "jax"):
+        commands = [[sys.executable, __file__, "--worker", backend, *common]]
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     else:
         port = str(_free_port())
         env["GLOO_SOCKET_IFNAME"] = "lo"
@@ -196,6 +243,9 @@ def main():
     arguments = parser.parse_args()
     if arguments.worker == "tensorflow":
         print(json.dumps(count_tensorflow(arguments.methods, arguments.tasks)))
+        return
+    if arguments.worker == "jax":
+        print(json.dumps(count_jax(arguments.methods, arguments.tasks)))
         return
     if arguments.worker:
         _, rank, port = arguments.worker.split(":")

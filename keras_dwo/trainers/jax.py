@@ -19,10 +19,6 @@ class _Forward(NamedTuple):
     non_trainable_variables: Any
 
 
-def _weighted_sum(weights, stacked):
-    return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
-
-
 # A loop measured slightly faster than `jax.vmap` of the pullback on CPU for
 # 2 to 8 tasks, and as fast at 8; but XLA compiles each unrolled pullback, so
 # past that the compile time of the loop grows with every task.
@@ -238,7 +234,7 @@ class JAXTrainer:
                 representation,
                 has_aux=True,
             )
-            per_task, task_gradients = _pull_back_each_task(heads_pullback, num_tasks)
+            _, task_gradients = _pull_back_each_task(heads_pullback, num_tasks)
         mapping = self._state_mapping(
             trainable, forward.non_trainable_variables, optimizer_variables
         )
@@ -253,7 +249,16 @@ class JAXTrainer:
         new_non_trainable = [
             scope.get_current_value(v) for v in self.non_trainable_variables
         ]
-        gradients = [_weighted_sum(head_weights, g) for g in per_task]
+        # The task-specific gradients by a pullback of their own, not from
+        # the per-task gradients: under data parallelism XLA would sum those
+        # over the devices for every task, zero rows of the other heads
+        # included.
+        head_cotangent = (head_weights.astype("float32"), jnp.zeros(()))
+        if plan.trunk is None:
+            (gradients,) = pullback(head_cotangent)
+        else:
+            gradients, _ = heads_pullback(head_cotangent)
+        gradients = list(gradients)
         if plan.trunk is None:
             for index, gradient in zip(plan.shared_indices, combined):
                 gradients[index] = gradient
