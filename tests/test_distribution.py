@@ -26,7 +26,7 @@ SCRIPT = Path(__file__).with_name("distributed_training.py")
 JAX_PROCESSES_SCRIPT = Path(__file__).with_name("jax_processes_training.py")
 MULTI_WORKER_SCRIPT = Path(__file__).with_name("multi_worker_training.py")
 WEIGHTINGS = ["uncertainty", "famo", "gls", "mgda", "gradnorm", "upgrad", "pcgrad"]
-# Trained under a tf.distribute strategy, it must be refused.
+# Its gradients are taken at the trunk's output, whose rows are samples.
 REPRESENTATION = "mgda_ub"
 # A loss-level method, two gradient-level ones, and one whose gradients are
 # taken at the representation that the sharded trunk computes.
@@ -72,24 +72,14 @@ def _assert_same_training(actual, expected, what=""):
 
 @pytest.mark.skipif(
     BACKEND == "torch",
-    reason="Keras 3 offers no multi-device data-parallel fit on the torch backend",
+    reason="Keras 3 has no multi-device fit on the torch backend; torch trains "
+    "over processes, tested in test_torch_processes.py",
 )
-@pytest.mark.parametrize(
-    "weighting", WEIGHTINGS + ([REPRESENTATION] if BACKEND == "jax" else [])
-)
+@pytest.mark.parametrize("weighting", [*WEIGHTINGS, REPRESENTATION])
 def test_two_devices_match_one(weighting, results):
     result = results[weighting]
     assert "error" not in result, result["error"][-3000:]
     _assert_same_training(result["two_devices"], result["one_device"])
-
-
-@pytest.mark.skipif(
-    BACKEND != "tensorflow",
-    reason="the refusal concerns tf.distribute strategies only",
-)
-def test_representation_gradients_are_refused_under_a_tf_strategy(results):
-    error = results[REPRESENTATION].get("error", "")
-    assert "wrt='representation' is not supported under a tf.distribute" in error
 
 
 @pytest.mark.skipif(

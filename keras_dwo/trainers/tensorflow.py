@@ -38,6 +38,20 @@ def _gradients_already_summed(optimizer):
             object.__delattr__(each, "_all_reduce_sum_gradients")
 
 
+def _gather_samples(context, task_gradients):
+    """Concatenates `(T, samples, ...)` tensors over the replicas, in order.
+
+    Returns:
+        `(gathered, start, size)`: the gathered tensors, and where this
+        replica's samples lie in them.
+    """
+    size = tf.shape(task_gradients[0])[1]
+    sizes = context.all_gather(tf.reshape(size, (1,)), axis=0)
+    start = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
+    gathered = [context.all_gather(g, axis=1) for g in task_gradients]
+    return gathered, start, size
+
+
 class TensorFlowTrainer(StatefulTrainer):
     """`train_step` for the TensorFlow backend, under `tf.function` and XLA.
 
@@ -48,8 +62,9 @@ class TensorFlowTrainer(StatefulTrainer):
     losses; it then divides the objective by R, because the strategy sums the
     replicas' gradients. Gradient-level methods are not linear in the
     gradients, so their per-task gradients are summed over the replicas
-    before they are combined; the combined direction is then the same on
-    every replica, so the head gradients are summed with it and the
+    before they are combined (the gradients of a representation, whose rows
+    are samples, are gathered instead); the combined direction is then the
+    same on every replica, so the head gradients are summed with it and the
     optimizer applies them without summing again. The learned weighting
     state and the optimizer update therefore match one device's for every
     method.
@@ -134,12 +149,6 @@ class TensorFlowTrainer(StatefulTrainer):
         """Per-task gradients of the shared variables, combined by the method."""
         plan = self.gradient_plan()
         context, replicas = self._replica_context()
-        if plan.trunk is not None and replicas > 1:
-            raise NotImplementedError(
-                "wrt='representation' is not supported under a tf.distribute "
-                "strategy: the replicas' representations hold different "
-                "samples. Use wrt='parameters'."
-            )
         variables = self.trainable_variables
         shared = [variables[i] for i in plan.shared_indices]
         others = [variables[i] for i in plan.other_indices]
@@ -171,10 +180,14 @@ class TensorFlowTrainer(StatefulTrainer):
             for task_loss in per_task_losses
         ]
         task_gradients = [tf.stack(per_task) for per_task in zip(*rows)]
-        if replicas > 1:
+        if replicas > 1 and plan.trunk is None:
             task_gradients = context.all_reduce(
                 tf.distribute.ReduceOp.SUM, task_gradients
             )
+        elif replicas > 1:
+            # The representation's rows are samples: the replicas' rows
+            # together are the whole batch's.
+            task_gradients, start, size = _gather_samples(context, task_gradients)
         task_losses = tf.stop_gradient(task_losses)
         objective, _ = self.compute_objective(task_losses, label_counts=label_counts)
         combined, weights, head_weights = self.combine_task_gradients(
@@ -183,6 +196,8 @@ class TensorFlowTrainer(StatefulTrainer):
         if plan.trunk is None:
             shared_gradients = combined
         else:
+            if replicas > 1:
+                combined = [c[start : start + size] for c in combined]
             shared_gradients = _zeros_for_none(
                 tape.gradient(representation, shared, output_gradients=combined),
                 shared,
@@ -191,10 +206,16 @@ class TensorFlowTrainer(StatefulTrainer):
             tape.gradient(scaled_losses, others, output_gradients=head_weights),
             others,
         )
-        if replicas > 1 and other_gradients:
+        if replicas > 1 and plan.trunk is None and other_gradients:
             other_gradients = context.all_reduce(
                 tf.distribute.ReduceOp.SUM, other_gradients
             )
+        elif replicas > 1:
+            summed = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, other_gradients + shared_gradients
+            )
+            other_gradients = summed[: len(others)]
+            shared_gradients = summed[len(others) :]
         gradients = [None] * len(variables)
         for index, gradient in zip(plan.shared_indices, shared_gradients):
             gradients[index] = gradient
