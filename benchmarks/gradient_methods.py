@@ -166,6 +166,8 @@ REFERENCES = {
         libmtl="UPGrad",
         libmtl_kwargs={"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-4},
     ),
+    "dualproj": Reference(torchjd="DualProj"),
+    "config": Reference(torchjd="ConFIG"),
 }
 
 

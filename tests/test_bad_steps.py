@@ -39,6 +39,8 @@ ALL_METHODS = [
     "nash_mtl",
     "aligned_mtl",
     "upgrad",
+    "dualproj",
+    "config",
 ]
 # The guard is the trainer's, the same for every method, and every method's
 # rule meets bad input directly in test_method_robustness.py. TensorFlow and

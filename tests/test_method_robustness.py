@@ -26,6 +26,8 @@ GRADIENT_METHODS = sorted(
 GRAM_SOLVERS = {
     "aligned_mtl",
     "cagrad",
+    "config",
+    "dualproj",
     "imtl_g",
     "mgda",
     "mgda_ub",

@@ -1,4 +1,7 @@
-"""MGDA, UPGrad, CAGrad, IMTL-G, Nash-MTL and Aligned-MTL on plain Jacobians."""
+"""The methods that solve or decompose the Gram matrix, on plain Jacobians.
+
+MGDA, UPGrad, DualProj, CAGrad, IMTL-G, ConFIG, Nash-MTL and Aligned-MTL.
+"""
 
 import keras
 import numpy as np
@@ -6,6 +9,8 @@ import pytest
 
 from keras_dwo.weighting.aligned_mtl import AlignedMTL
 from keras_dwo.weighting.cagrad import CAGrad
+from keras_dwo.weighting.conflict_free import ConFIG
+from keras_dwo.weighting.dualproj import DualProj
 from keras_dwo.weighting.imtl_g import IMTLG
 from keras_dwo.weighting.mgda import MGDA
 from keras_dwo.weighting.nash_mtl import NashMTL
@@ -37,8 +42,10 @@ def conflicting_jacobians(count=6):
 METHODS = {
     "mgda": MGDA,
     "upgrad": UPGrad,
+    "dualproj": DualProj,
     "cagrad": CAGrad,
     "imtl_g": IMTLG,
+    "config": ConFIG,
     "nash_mtl": NashMTL,
     "aligned_mtl": AlignedMTL,
 }
@@ -318,7 +325,7 @@ def test_degenerate_jacobians_stay_finite(name, case):
 def test_flags_and_argument_checks():
     for method_class in (MGDA, IMTLG, AlignedMTL):
         assert method_class(wrt="representation").wrt == "representation"
-    for method_class in (UPGrad, CAGrad, NashMTL):
+    for method_class in (UPGrad, DualProj, CAGrad, ConFIG, NashMTL):
         with pytest.raises(ValueError, match="wrt='representation'"):
             method_class(wrt="representation")
     with pytest.raises(ValueError, match="normalization"):
@@ -336,6 +343,8 @@ def test_flags_and_argument_checks():
     [
         MGDA("loss+", wrt="representation"),
         UPGrad(),
+        DualProj(),
+        ConFIG(),
         CAGrad(c=0.3, rescale=2),
         IMTLG(wrt="representation"),
         NashMTL(update_every=3, max_norm=0.5, iterations=12),

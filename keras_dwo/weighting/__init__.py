@@ -10,6 +10,8 @@ from keras_dwo.weighting.aligned_mtl import AlignedMTL
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.cagrad import CAGrad
+from keras_dwo.weighting.conflict_free import ConFIG
+from keras_dwo.weighting.dualproj import DualProj
 from keras_dwo.weighting.famo import FAMO
 from keras_dwo.weighting.gls import GLS
 from keras_dwo.weighting.graddrop import GradDrop
@@ -47,6 +49,8 @@ IDENTIFIERS = {
     "nash_mtl": NashMTL,
     "aligned_mtl": AlignedMTL,
     "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "config": ConFIG,
 }
 
 # Identifiers that name a configuration of a class, not the class alone.
@@ -87,6 +91,8 @@ def get(identifier):
 __all__ = [
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
+    "DualProj",
     "FAMO",
     "get",
     "GLS",

@@ -48,3 +48,24 @@ def combination(weights, jacobian, gram):
     """
     weights = ops.where(ops.all(ops.isfinite(gram)), weights, float("nan"))
     return ops.matmul(weights, jacobian), weights
+
+
+def cosine_matrix(gram, norms):
+    """Returns the matrix of cosines between the task gradients.
+
+    Symmetric to the last bit, exactly 1 on the diagonal for a nonzero
+    gradient and 0 in the row and column of a zero one, so that a zero
+    gradient's task lies in the null space.
+
+    Args:
+        gram: `(T, T)` finite Gram matrix `J J^T`.
+        norms: `(T,)` gradient norms, the square roots of its diagonal.
+    """
+    nonzero = norms > 0
+    safe_norms = ops.where(nonzero, norms, 1.0)
+    pairs = ops.logical_and(nonzero[:, None], nonzero[None, :])
+    # Divided in two steps, as `n_i n_j` alone could overflow or underflow.
+    cosines = ops.where(pairs, gram / safe_norms[:, None] / safe_norms[None, :], 0.0)
+    cosines = 0.5 * (cosines + ops.transpose(cosines))
+    identity = ops.eye(ops.shape(gram)[0], dtype=gram.dtype)
+    return cosines * (1.0 - identity) + identity * ops.cast(nonzero, gram.dtype)

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.gram import combination
+from keras_dwo.weighting.gram import cosine_matrix
 from keras_dwo.weighting.gram import finite_gram
 
 # Eigenvalues of the cosine matrix below this fraction of its largest one are
@@ -64,16 +65,10 @@ def imtl_g_weights(gram, present=None):
     gram = ops.take(ops.take(gram, order, axis=0), order, axis=1)
 
     nonzero = norms > 0
-    safe_norms = ops.where(nonzero, norms, 1.0)
-    pairs = ops.logical_and(nonzero[:, None], nonzero[None, :])
-    # Divided in two steps, as `n_i n_j` alone could overflow or underflow.
-    cosines = ops.where(pairs, gram / safe_norms[:, None] / safe_norms[None, :], 0.0)
-    # Symmetric to the last bit, and exactly 1 (0 for a zero gradient) on the
-    # diagonal: a zero gradient's task is then in the null space, and the
-    # kept eigenvectors are 0 there.
-    cosines = 0.5 * (cosines + ops.transpose(cosines))
+    # A zero gradient's task is in the null space of the cosine matrix, and
+    # the kept eigenvectors are 0 there.
+    cosines = cosine_matrix(gram, norms)
     identity = ops.eye(num_tasks, dtype=gram.dtype)
-    cosines = cosines * (1.0 - identity) + identity * ops.cast(nonzero, gram.dtype)
 
     eigenvalues, eigenvectors = ops.eigh(cosines)
     # Decreasing, so that the kept eigenvectors are the leading columns.

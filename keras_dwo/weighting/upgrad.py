@@ -16,6 +16,30 @@ RIDGE = 1e-4
 FLOOR = 1e-8
 
 
+def dual_cone_weights(gram, lower):
+    """Returns the weights of the projections of `u^T J` onto the dual cone.
+
+    For each row `u` of `lower`, the projection of the combination `u^T J`
+    of the task gradients onto the dual cone of the rows of `J` (the
+    directions `x` with `g_j . x >= 0` for every j) is `v^T J`, with
+    `v = argmin_{v >= u} v^T G v` (Quinton and Rey 2024, Proposition 1).
+    UPGrad projects each gradient (`u = e_i`), DualProj their mean. `G` is
+    regularised as `G + 1e-4 diag(G)`, plus `1e-8` of its trace on the
+    diagonal (see `UPGrad`).
+
+    Args:
+        gram: `(T, T)` finite Gram matrix `J J^T` (see `gram.finite_gram`).
+        lower: `(N, T)` combinations `u` to project, one per row.
+
+    Returns:
+        The `(N, T)` weights `v`, each at least its `u`.
+    """
+    identity = ops.eye(ops.shape(gram)[0], dtype=gram.dtype)
+    return min_norm.lower_bounded_min_norm(
+        gram + RIDGE * identity * gram, lower, ridge=FLOOR
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class UPGrad(GradientWeighting):
     """UPGrad: the mean of the task gradients projected onto their dual cone.
@@ -53,10 +77,7 @@ class UPGrad(GradientWeighting):
         raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
         gram = finite_gram(raw_gram)
         num_tasks = ops.shape(gram)[0]
-        identity = ops.eye(num_tasks, dtype=gram.dtype)
-        dual_weights = min_norm.lower_bounded_min_norm(
-            gram + RIDGE * identity * gram, identity, ridge=FLOOR
-        )
+        dual_weights = dual_cone_weights(gram, ops.eye(num_tasks, dtype=gram.dtype))
         # The mean of the projections of the gradients present; an absent
         # task's zero row is orthogonal to all, so it is 0 in the others'.
         present = presence(present, losses)
