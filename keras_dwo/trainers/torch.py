@@ -1,5 +1,6 @@
 """The PyTorch training step."""
 
+import inspect
 import math
 
 import keras
@@ -47,15 +48,20 @@ class TorchTrainer(StatefulTrainer):
     def fit(self, x=None, y=None, *args, **kwargs):
         self._copied_from_first_process = False
         if process_count() > 1:
-            self._check_same_steps(x, kwargs)
+            arguments = inspect.signature(keras.Model.fit).bind(
+                self, x, y, *args, **kwargs
+            )
+            self._check_same_steps(arguments.arguments)
         return super().fit(x, y, *args, **kwargs)
 
-    def _check_same_steps(self, x, fit_arguments):
+    def _check_same_steps(self, fit_arguments):
         # A process with a step more than the others would wait for them
         # forever in that step's first exchange.
+        # Imported here: keras_dwo.model imports this module.
         from keras_dwo.model import _batch_size
         from keras_dwo.model import _is_arrays
 
+        x = fit_arguments.get("x")
         if not _is_arrays(x) or fit_arguments.get("steps_per_epoch") is not None:
             return
         samples = _batch_size(x)
