@@ -403,7 +403,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if training and self.missing_label is not None and not self.optimizer.built:
             # The step keeps an absent task's optimizer slots, so they must
             # exist when it is traced.
-            self.optimizer.build(self.trainable_variables)
+            self.build_optimizer()
         if needs_plan:
             self.gradient_plan()
 

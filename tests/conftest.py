@@ -95,6 +95,17 @@ def two_task_model(weighting="equal", regularizer=None, **kwargs):
 TWO_TASK_LOSSES = {"label": "sparse_categorical_crossentropy", "value": "mse"}
 
 
+def partially_labelled(y):
+    """`two_task_data`'s targets with some regression labels missing (NaN).
+
+    Missing mostly in the first half of each batch of 32, so that the halves
+    held by two replicas have different numbers of labels.
+    """
+    value = y["value"].copy()
+    value[[0, 1, 2, 3, 5, 8, 40, 41, 70, 100]] = np.nan
+    return {**y, "value": value}
+
+
 def replica_test_optimizer():
     """The optimizer of the tests that train on several replicas.
 

@@ -25,8 +25,10 @@ import traceback
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from conftest import TWO_TASK_LOSSES  # noqa: E402
+from conftest import partially_labelled  # noqa: E402
 from conftest import replica_test_optimizer  # noqa: E402
 from conftest import two_task_data  # noqa: E402
 from conftest import two_task_model  # noqa: E402
@@ -98,13 +100,19 @@ def trunk_kernel_layouts(model):
     return layouts
 
 
-def train(weighting, scope, with_layouts=False):
+def train(case, scope, with_layouts=False):
+    """Trains `case`: a weighting, or `<weighting>:partial` for partial labels."""
+    weighting, _, variant = case.partition(":")
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    with scope():
-        model = two_task_model(weighting)
-        model.compile(optimizer=replica_test_optimizer(), loss=TWO_TASK_LOSSES)
     x, y = two_task_data(128)
+    options = {}
+    if variant == "partial":
+        options["missing_label"] = np.nan
+        y = partially_labelled(y)
+    with scope():
+        model = two_task_model(weighting, **options)
+        model.compile(optimizer=replica_test_optimizer(), loss=TWO_TASK_LOSSES)
     history = model.fit(x, y, epochs=3, batch_size=32, shuffle=False, verbose=0)
     state = {
         v.path: keras.ops.convert_to_numpy(v).tolist() for v in model.weighting.weights

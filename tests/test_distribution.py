@@ -25,7 +25,18 @@ from conftest import BACKEND
 SCRIPT = Path(__file__).with_name("distributed_training.py")
 JAX_PROCESSES_SCRIPT = Path(__file__).with_name("jax_processes_training.py")
 MULTI_WORKER_SCRIPT = Path(__file__).with_name("multi_worker_training.py")
-WEIGHTINGS = ["uncertainty", "famo", "gls", "mgda", "gradnorm", "upgrad", "pcgrad"]
+WEIGHTINGS = [
+    "uncertainty",
+    "famo",
+    "gls",
+    "mgda",
+    "gradnorm",
+    "upgrad",
+    "pcgrad",
+    # Labels missing unevenly over the replicas' halves of each batch.
+    "uncertainty:partial",
+    "upgrad:partial",
+]
 # Its gradients are taken at the trunk's output, whose rows are samples.
 REPRESENTATION = "mgda_ub"
 # A loss-level method, two gradient-level ones, and one whose gradients are

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from conftest import TWO_TASK_LOSSES  # noqa: E402
+from conftest import partially_labelled  # noqa: E402
 from conftest import replica_test_optimizer  # noqa: E402
 from conftest import two_task_data  # noqa: E402
 from conftest import two_task_model  # noqa: E402
@@ -49,10 +50,7 @@ def train(case, rank, processes):
     options = {}
     if variant == "partial":
         options["missing_label"] = np.nan
-        value = y["value"].copy()
-        # Unevenly over the shards, so that a process's mean is not the batch's.
-        value[[0, 1, 2, 3, 5, 8, 40, 41, 70, 100]] = np.nan
-        y = {**y, "value": value}
+        y = partially_labelled(y)
     model = two_task_model(weighting, **options)
     model.compile(
         optimizer=replica_test_optimizer(),

@@ -49,6 +49,10 @@ class JAXTrainer:
     so the task losses are those of one device.
     """
 
+    def build_optimizer(self):
+        """Creates the optimizer's variables for the trainable variables."""
+        self.optimizer.build(self.trainable_variables)
+
     def _state_variables(self):
         variables = [*self.trainable_variables, *self.non_trainable_variables]
         if getattr(self, "optimizer", None) is not None:

@@ -4,6 +4,40 @@ import keras
 from keras import ops
 
 
+def replicas_task_losses(task_losses, label_counts, x, replicas, sum_over_replicas):
+    """Combines the replicas' task losses into the global batch's.
+
+    Each replica's task losses are means over its own (labelled) samples;
+    the global loss is their mean weighted by those counts, which is exact
+    for shards of any size and for labels missing unevenly over them.
+
+    Args:
+        task_losses: The `(T,)` mean task losses of this replica's samples.
+        label_counts: None, or the `(T,)` labelled samples per task.
+        x: This replica's inputs (their batch size counts without labels).
+        replicas: The number of replicas R.
+        sum_over_replicas: Returns a list of tensors summed over the
+            replicas.
+
+    Returns:
+        `(task_losses, label_counts)`: the global values, with a gradient
+        through this replica's losses that, divided by R and summed over the
+        replicas, is the global losses' gradient; the global label counts
+        (None without `label_counts`).
+    """
+    counts = label_counts
+    if counts is None:
+        first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+        batch_size = ops.cast(ops.shape(first)[0], task_losses.dtype)
+        counts = ops.full(ops.shape(task_losses), batch_size)
+    local = ops.stop_gradient(task_losses)
+    total, total_counts = sum_over_replicas([counts * local, counts])
+    safe_counts = ops.maximum(total_counts, 1.0)
+    losses = total / safe_counts
+    losses = losses + replicas * (counts / safe_counts) * (task_losses - local)
+    return losses, None if label_counts is None else total_counts
+
+
 class StatefulTrainer:
     """Evaluation step and hooks for backends whose variables hold state."""
 
@@ -26,6 +60,10 @@ class StatefulTrainer:
         """
         del x
         return task_losses, label_counts, 1
+
+    def build_optimizer(self):
+        """Creates the optimizer's variables for the trainable variables."""
+        self.optimizer.build(self.trainable_variables)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

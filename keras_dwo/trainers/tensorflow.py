@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras.utils import unpack_x_y_sample_weight
 
 from keras_dwo.trainers.stateful import StatefulTrainer
+from keras_dwo.trainers.stateful import replicas_task_losses
 
 
 def _zeros_for_none(gradients, sources):
@@ -55,8 +56,8 @@ def _gather_samples(context, task_gradients):
 class TensorFlowTrainer(StatefulTrainer):
     """`train_step` for the TensorFlow backend, under `tf.function` and XLA.
 
-    Under a `tf.distribute` strategy with R replicas, Keras divides each
-    replica's task losses by R. The step sums them over the replicas, so that
+    Under a `tf.distribute` strategy with R replicas, the step combines the
+    replicas' task losses, weighted by their (labelled) samples, so that
     every replica computes the weighting on the global task losses, as one
     device would, while the gradient still flows through the replica's own
     losses; it then divides the objective by R, because the strategy sums the
@@ -79,21 +80,31 @@ class TensorFlowTrainer(StatefulTrainer):
             self.train_function = None
             raise
 
+    def build_optimizer(self):
+        # Outside the strategy's scope (in `fit`), the optimizer's variables
+        # could not be mirrored.
+        with self.distribute_strategy.scope():
+            super().build_optimizer()
+
     def _replica_context(self):
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
         return context, replicas
 
     def global_task_losses(self, task_losses, label_counts, x):
-        del x
         context, replicas = self._replica_context()
         if replicas == 1:
             return task_losses, label_counts, 1
-        local = tf.stop_gradient(task_losses)
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-        if label_counts is not None:
-            label_counts = context.all_reduce(tf.distribute.ReduceOp.SUM, label_counts)
-        return total + replicas * (task_losses - local), label_counts, replicas
+        # Keras divides each replica's losses by R: times R, they are the
+        # means over the replica's own samples.
+        losses, label_counts = replicas_task_losses(
+            task_losses * replicas,
+            label_counts,
+            x,
+            replicas,
+            lambda values: context.all_reduce(tf.distribute.ReduceOp.SUM, values),
+        )
+        return losses, label_counts, replicas
 
     def _apply_if_finite(self, finite, gradients, variables, summed):
         # The optimizer synchronises replicas with `merge_call`, which a

@@ -9,6 +9,7 @@ from keras.utils import unpack_x_y_sample_weight
 
 from keras_dwo.trainers import torch_processes
 from keras_dwo.trainers.stateful import StatefulTrainer
+from keras_dwo.trainers.stateful import replicas_task_losses
 from keras_dwo.trainers.torch_processes import process_count
 from keras_dwo.trainers.torch_processes import sum_over_processes
 
@@ -20,11 +21,6 @@ def _gradients(target, sources, **kwargs):
         target, sources, retain_graph=True, allow_unused=True, **kwargs
     )
     return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
-
-
-def _first_dimension(x):
-    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-    return first.shape[0]
 
 
 class TorchTrainer(StatefulTrainer):
@@ -82,17 +78,10 @@ class TorchTrainer(StatefulTrainer):
         processes = process_count()
         if processes == 1:
             return task_losses, label_counts, 1
-        # Each process's losses are means over its own samples; the global
-        # loss is their mean weighted by the samples each has.
-        counts = label_counts
-        if counts is None:
-            counts = torch.full_like(task_losses, float(_first_dimension(x)))
-        local = task_losses.detach()
-        total, total_counts = sum_over_processes([counts * local, counts])
-        share = counts / torch.clamp(total_counts, min=1.0)
-        losses = total / torch.clamp(total_counts, min=1.0)
-        losses = losses + processes * share * (task_losses - local)
-        return losses, None if label_counts is None else total_counts, processes
+        losses, label_counts = replicas_task_losses(
+            task_losses, label_counts, x, processes, sum_over_processes
+        )
+        return losses, label_counts, processes
 
     def get_metrics_result(self):
         """The metrics over every process's samples.
