@@ -33,12 +33,14 @@ class TorchTrainer(StatefulTrainer):
 
     When a `torch.distributed` process group is initialized (one process per
     device, as `torchrun` starts them), the processes train data-parallel,
-    each on its own shard of every batch: the task losses and label counts
-    are summed over the processes, and so are the gradients, the per-task
-    gradients before the method combines them, so that every process takes
-    the step that one process would take on the whole batch and the method's
-    state stays the same on every process. `DistributedDataParallel` is not
-    used: its hooks do not fire in a step that calls `torch.autograd.grad`.
+    each on its own shard of every batch: the task losses are combined over
+    the processes, weighted by their (labelled) samples, and the gradients
+    are summed, the per-task gradients before the method combines them (a
+    representation's, whose rows are samples, are gathered), so that every
+    process takes the step that one process would take on the whole batch
+    and the method's state stays the same on every process.
+    `DistributedDataParallel` is not used: its hooks do not fire in a step
+    that calls `torch.autograd.grad`.
     """
 
     def fit(self, x=None, y=None, *args, **kwargs):

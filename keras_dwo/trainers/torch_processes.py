@@ -16,35 +16,38 @@ def process_count():
     return 1
 
 
-def _by_dtype(tensors):
+def _exchanged(tensors, exchange):
+    """Runs `exchange` in place on the tensors, one flat buffer per dtype.
+
+    Returns:
+        The exchanged tensors (detached), in the order and shapes given.
+    """
+    tensors = list(tensors)
     groups = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault(tensor.dtype, []).append(index)
-    return groups.values()
+    results = [None] * len(tensors)
+    for indices in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+        exchange(flat)
+        pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            results[i] = piece.reshape(tensors[i].shape)
+    return results
 
 
 def sum_over_processes(tensors):
     """Returns each tensor summed over the processes (detached)."""
-    tensors = list(tensors)
-    sums = [None] * len(tensors)
-    for indices in _by_dtype(tensors):
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-        dist.all_reduce(flat)
-        pieces = torch.split(flat, [tensors[i].numel() for i in indices])
-        for i, piece in zip(indices, pieces):
-            sums[i] = piece.reshape(tensors[i].shape)
-    return sums
+    return _exchanged(tensors, dist.all_reduce)
 
 
 def copy_from_first_process(variables):
     """Assigns every process's `variables` the values of process 0's."""
-    values = [v.value for v in variables]
-    for indices in _by_dtype(values):
-        flat = torch.cat([values[i].detach().reshape(-1) for i in indices])
-        dist.broadcast(flat, src=0)
-        pieces = torch.split(flat, [values[i].numel() for i in indices])
-        for i, piece in zip(indices, pieces):
-            variables[i].assign(piece.reshape(values[i].shape))
+    values = _exchanged(
+        [v.value for v in variables], lambda flat: dist.broadcast(flat, src=0)
+    )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def gather_over_processes(tensors, axis):
