@@ -2,23 +2,23 @@
 
 Data-parallel training exchanges, each step, what makes every replica take
 the step that one device would take on the whole batch. This script counts
-the elements (floats and integers) that one replica sends into collective
-operations in one training step of a two-replica run, for each method and
-number of tasks T:
+the elements (floats and integers) that one replica sends in one training
+step of a two-replica run, for each method and number of tasks T, as the
+ring algorithms send them among R replicas: an all-reduce of N elements
+sends 2 N (R - 1) / R, a reduce-scatter of N elements or an all-gather
+into N elements N (R - 1) / R (at R = 2: N, N / 2 and N / 2).
 
 - torch: two processes of a gloo group on 127.0.0.1, each training on half
-  of every batch; the script wraps `torch.distributed.all_reduce`,
-  `all_gather` and `broadcast` and counts the elements of the tensors it
-  hands them during one step (after a first step, which also copies process
-  0's variables).
+  of every batch; the script wraps the collectives of `torch.distributed`
+  and counts the tensors handed to them during one step (after a first
+  step, which also copies process 0's variables).
 - TensorFlow: `tf.distribute.MirroredStrategy` over two logical CPUs; the
   script wraps `ReplicaContext.all_reduce` and counts, while the step is
-  traced, the elements of the values one replica hands it (Keras's optimizer
-  sums the gradients with the same call).
+  traced, the values one replica hands it (Keras's optimizer sums the
+  gradients with the same call).
 - JAX: `keras.distribution.DataParallel` over two virtual CPU devices; the
-  script compiles the training step for a batch sharded over them and adds
-  up the results of the collective operations in the compiled HLO (the
-  elements each device receives from an all-reduce equal those it sends).
+  script compiles the training step for a batch sharded over them and
+  counts the collective operations of the compiled HLO by their results.
 
 The model: 64 inputs, a shared trunk of two 128-unit ReLU layers (24,832
 shared parameters), and T one-unit regression heads (129 parameters each);
@@ -44,11 +44,48 @@ import sys
 import numpy as np
 
 BACKENDS = ("tensorflow", "jax", "torch")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute")
-METHODS = ("equal", "uncertainty", "famo", "upgrad", "mgda", "pcgrad", "imtl_g")
+COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+METHODS = (
+    "equal",
+    "uncertainty",
+    "famo",
+    "upgrad",
+    "mgda",
+    "pcgrad",
+    "imtl_g",
+    "graddrop",
+)
 INPUTS = 64
 UNITS = 128
 BATCH = 64
+
+
+REPLICAS = 2
+
+
+def sent_elements(collective, elements):
+    """Elements one replica sends in a ring collective of R = REPLICAS.
+
+    Args:
+        collective: An HLO collective's name (`all-reduce`, `all-gather`,
+            `reduce-scatter`, `all-to-all`, `collective-permute`).
+        elements: The elements of its result.
+    """
+    share = (REPLICAS - 1) / REPLICAS
+    factors = {
+        "all-reduce": 2 * share,
+        "all-gather": share,
+        "reduce-scatter": REPLICAS - 1,
+        "all-to-all": share,
+        "collective-permute": 1,
+    }
+    return round(elements * factors[collective])
 
 
 def build_model(method, tasks):
@@ -89,33 +126,43 @@ def count_torch(rank, port, methods, task_counts):
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=2,
+        world_size=REPLICAS,
         timeout=datetime.timedelta(seconds=300),
     )
     sent = [0]
-    originals = {}
+    # Each wrapped function, the HLO collective it is, and where its result is.
+    collectives = {
+        "all_reduce": ("all-reduce", 0),
+        "reduce_scatter_tensor": ("reduce-scatter", 0),
+        "all_gather_into_tensor": ("all-gather", 0),
+        "all_gather": ("all-gather", None),
+        "broadcast": ("collective-permute", 0),
+    }
 
     def counting(name):
         original = getattr(dist, name)
-        originals[name] = original
+        collective, result = collectives[name]
 
         def wrapper(*args, **kwargs):
-            tensor = args[1] if name == "all_gather" else args[0]
-            sent[0] += tensor.numel()
+            if result is None:
+                elements = sum(tensor.numel() for tensor in args[0])
+            else:
+                elements = args[result].numel()
+            sent[0] += sent_elements(collective, elements)
             return original(*args, **kwargs)
 
         return wrapper
 
-    for name in ("all_reduce", "all_gather", "broadcast"):
+    for name in collectives:
         setattr(dist, name, counting(name))
     results = {}
     for tasks in task_counts:
         x, y = data(tasks, 4 * BATCH)
-        half = BATCH // 2
-        x = x.reshape(-1, BATCH, INPUTS)[:, rank * half : (rank + 1) * half]
+        shard = BATCH // REPLICAS
+        x = x.reshape(-1, BATCH, INPUTS)[:, rank * shard : (rank + 1) * shard]
         x = x.reshape(-1, INPUTS)
         y = {
-            name: v.reshape(-1, BATCH, 1)[:, rank * half : (rank + 1) * half].reshape(
+            name: v.reshape(-1, BATCH, 1)[:, rank * shard : (rank + 1) * shard].reshape(
                 -1, 1
             )
             for name, v in y.items()
@@ -123,9 +170,9 @@ def count_torch(rank, port, methods, task_counts):
         for method in methods:
             model = build_model(method, tasks)
             # The first step also copies process 0's variables.
-            model.fit(x[:half], {k: v[:half] for k, v in y.items()}, verbose=0)
+            model.fit(x[:shard], {k: v[:shard] for k, v in y.items()}, verbose=0)
             sent[0] = 0
-            step = slice(half, 2 * half)
+            step = slice(shard, 2 * shard)
             model.train_on_batch(x[step], {k: v[step] for k, v in y.items()})
             results[f"{method}/{tasks}"] = sent[0]
     dist.destroy_process_group()
@@ -137,7 +184,7 @@ def count_tensorflow(methods, task_counts):
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS
     )
     from tensorflow.python.distribute import distribute_lib
 
@@ -146,11 +193,11 @@ def count_tensorflow(methods, task_counts):
 
     def counting(self, reduce_op, value, options=None):
         for tensor in tf.nest.flatten(value):
-            sent[0] += int(np.prod(tensor.shape))
+            sent[0] += sent_elements("all-reduce", int(np.prod(tensor.shape)))
         return original(self, reduce_op, value, options)
 
     distribute_lib.ReplicaContext.all_reduce = counting
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
     results = {}
     for tasks in task_counts:
         x, y = data(tasks, BATCH)
@@ -159,20 +206,22 @@ def count_tensorflow(methods, task_counts):
                 model = build_model(method, tasks)
             sent[0] = 0
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-            # Traced once for two replicas: what one replica sends.
-            results[f"{method}/{tasks}"] = sent[0] // 2
+            # Traced once for every replica: what one replica sends.
+            results[f"{method}/{tasks}"] = sent[0] // REPLICAS
     return results
 
 
 def hlo_collective_elements(hlo):
-    """Elements produced by the collective operations of compiled HLO text."""
+    """Elements one device sends in the collective operations of compiled HLO."""
     total = 0
     for line in hlo.splitlines():
         match = re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if match is None:
             continue
+        elements = 0
         for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(1)):
-            total += int(np.prod([int(d) for d in dims.split(",") if d]))
+            elements += int(np.prod([int(d) for d in dims.split(",") if d]))
+        total += sent_elements(match.group(2), elements)
     return total
 
 
@@ -215,13 +264,13 @@ def run_backend(backend, methods, task_counts):
     common = ["--methods", *methods, "--tasks", *map(str, task_counts)]
     if backend in ("tensorflow", "jax"):
         commands = [[sys.executable, __file__, "--worker", backend, *common]]
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={REPLICAS}"
     else:
         port = str(_free_port())
         env["GLOO_SOCKET_IFNAME"] = "lo"
         commands = [
             [sys.executable, __file__, "--worker", f"torch:{rank}:{port}", *common]
-            for rank in (0, 1)
+            for rank in range(REPLICAS)
         ]
     processes = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

@@ -1,7 +1,6 @@
 """DynamicWeightedModel: a multi-task Keras model with dynamic loss weighting."""
 
 import inspect
-import math
 import warnings
 
 import keras
@@ -10,6 +9,7 @@ from keras.src.models import model as keras_model_module
 from keras.src.models.functional import Functional
 from keras.src.trainers.data_adapters import get_data_adapter
 
+from keras_dwo import aggregation
 from keras_dwo import gradient_plan as plans
 from keras_dwo import tasks
 from keras_dwo import weighting as weighting_module
@@ -622,7 +622,13 @@ class DynamicWeightedModel(Trainer, keras.Model):
             return dict(zip(self.task_names, task_outputs))
         return list(task_outputs)
 
-    def combine_task_gradients(self, task_gradients, task_losses, label_counts=None):
+    def combine_task_gradients(
+        self,
+        task_gradients,
+        task_losses,
+        label_counts=None,
+        aggregate=aggregation.aggregate_blocks,
+    ):
         """Combines per-task gradients with the gradient-level method.
 
         Args:
@@ -631,6 +637,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 weighted task losses with respect to it.
             task_losses: The `(T,)` unweighted task losses.
             label_counts: None, or the `(T,)` labelled samples per task.
+            aggregate: `aggregation.aggregate_blocks`, or a trainer's
+                function with its arguments, for task gradients that are
+                still each replica's own.
 
         Returns:
             `(gradients, weights, head_weights)`: one combined gradient per
@@ -639,38 +648,26 @@ class DynamicWeightedModel(Trainer, keras.Model):
             of the task-specific gradients.
         """
         num_tasks = len(self.task_names)
-        rows = [
+        blocks = [
             ops.reshape(ops.cast(g, "float32"), (num_tasks, -1)) for g in task_gradients
         ]
-        jacobian = ops.concatenate(rows, axis=1)
         # The method sees unscaled gradients; the optimizer unscales the
         # direction it returns.
         scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         if scaled:
             loss_scale = self.optimizer.scale_loss(ops.ones((), "float32"))
-            jacobian = jacobian / loss_scale
-        # A non-finite step is dropped by the guard; the method must not
-        # fail on it first (TensorFlow's solvers raise on NaN).
-        finite_jacobian = ops.where(ops.isfinite(jacobian), jacobian, 0.0)
+            blocks = [block / loss_scale for block in blocks]
         finite_losses = ops.where(ops.isfinite(task_losses), task_losses, 0.0)
-        direction, coefficients = self.weighting.aggregate(
-            finite_jacobian,
-            finite_losses,
-            training=True,
-            **tasks.presence_argument(label_counts),
+        presence = tasks.presence_argument(label_counts)
+        directions, coefficients = aggregate(
+            self.weighting, blocks, finite_losses, **presence
         )
-        # Poisons the direction where the Jacobian was not finite, so that
-        # the guard sees it.
-        direction = direction + 0.0 * ops.sum(jacobian)
-        if scaled:
-            direction = direction * loss_scale
-        gradients, start = [], 0
-        for gradient in task_gradients:
-            shape = ops.shape(gradient)[1:]
-            size = math.prod(shape)
-            piece = ops.reshape(direction[start : start + size], shape)
-            gradients.append(ops.cast(piece, gradient.dtype))
-            start = start + size
+        gradients = []
+        for gradient, direction in zip(task_gradients, directions):
+            if scaled:
+                direction = direction * loss_scale
+            direction = ops.reshape(direction, ops.shape(gradient)[1:])
+            gradients.append(ops.cast(direction, gradient.dtype))
         coefficients = ops.stop_gradient(coefficients)
         weights = ops.convert_to_tensor(self.task_weights) * coefficients
         head_weights = (

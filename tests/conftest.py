@@ -123,11 +123,15 @@ def variable_values(variables):
     return [to_numpy(v).copy() for v in variables]
 
 
-def summed_gradients_method(**kwargs):
+def summed_gradients_method(interface="aggregate", **kwargs):
     """A gradient-level method whose direction is the sum of the task gradients.
 
     Training with it must match loss-level equal weighting exactly, which
     checks the per-task gradient machinery independently of any rule.
+
+    Args:
+        interface: The method's hook: `"aggregate"` (from the Jacobian) or
+            `"gram_weights"` (weights from the Gram matrix).
     """
     from keras_dwo.weighting.base import GradientWeighting
 
@@ -137,7 +141,14 @@ def summed_gradients_method(**kwargs):
         def aggregate(self, jacobian, losses, training=True):
             return keras.ops.sum(jacobian, axis=0), keras.ops.ones_like(losses)
 
-    return SummedGradients(**kwargs)
+    class GramSummedGradients(GradientWeighting):
+        allows_representation = True
+
+        def gram_weights(self, gram, losses, training=True):
+            return keras.ops.ones_like(losses)
+
+    methods = {"aggregate": SummedGradients, "gram_weights": GramSummedGradients}
+    return methods[interface](**kwargs)
 
 
 def compiled_aggregate(method, jacobian, losses):

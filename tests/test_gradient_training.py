@@ -31,12 +31,13 @@ def trained_variables(method, epochs=2, regularizer=None, **compile_kwargs):
     return variable_values(model.trainable_variables), history.history
 
 
+@pytest.mark.parametrize("interface", ["aggregate", "gram_weights"])
 @pytest.mark.parametrize("wrt", ["parameters", "representation"])
-def test_summed_task_gradients_train_exactly_like_equal_weighting(wrt):
+def test_summed_task_gradients_train_exactly_like_equal_weighting(wrt, interface):
     regularizer = keras.regularizers.L2(0.01)
     expected, expected_history = trained_variables("equal", regularizer=regularizer)
     actual, history = trained_variables(
-        summed_gradients_method(wrt=wrt), regularizer=regularizer
+        summed_gradients_method(interface, wrt=wrt), regularizer=regularizer
     )
     for want, got in zip(expected, actual):
         np.testing.assert_allclose(got, want, atol=1e-5)

@@ -7,6 +7,7 @@ import keras
 import torch
 from keras.utils import unpack_x_y_sample_weight
 
+from keras_dwo.aggregation import aggregate_blocks
 from keras_dwo.trainers import torch_processes
 from keras_dwo.trainers.stateful import StatefulTrainer
 from keras_dwo.trainers.stateful import replicas_task_losses
@@ -23,6 +24,24 @@ def _gradients(target, sources, **kwargs):
     return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
 
 
+def _aggregate_over_processes(method, blocks, losses, **presence):
+    """`aggregate_blocks` for each process's own task gradients.
+
+    For a method that combines the task gradients by their inner products:
+    each process sums its slice of the Jacobian's columns over the
+    processes, the partial Gram matrices are summed, and the slices of the
+    direction are gathered, which sends about half the elements of an
+    all-reduce of the Jacobian and gives every process the same direction.
+    """
+    sizes = [block.shape[1] for block in blocks]
+    own = torch_processes.sum_scattered(torch.cat(blocks, dim=1))
+    (direction,), weights = aggregate_blocks(
+        method, [own], losses, sum_over_processes, **presence
+    )
+    direction = torch_processes.gather_scattered(direction, sum(sizes))
+    return torch.split(direction, sizes), weights
+
+
 class TorchTrainer(StatefulTrainer):
     """`train_step` for the PyTorch backend (eager).
 
@@ -36,7 +55,9 @@ class TorchTrainer(StatefulTrainer):
     each on its own shard of every batch: the task losses are combined over
     the processes, weighted by their (labelled) samples, and the gradients
     are summed, the per-task gradients before the method combines them (a
-    representation's, whose rows are samples, are gathered), so that every
+    representation's, whose rows are samples, are gathered; a method that
+    combines them by their inner products gets each process's slice of the
+    sum and the summed Gram matrix instead), so that every
     process takes the step that one process would take on the whole batch
     and the method's state stays the same on every process.
     `DistributedDataParallel` is not used: its hooks do not fire in a step
@@ -134,8 +155,12 @@ class TorchTrainer(StatefulTrainer):
         sources = shared if trunk_output is None else trunk_output
         rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
         task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
+        aggregate = aggregate_blocks
         if processes > 1 and trunk_output is None:
-            task_gradients = sum_over_processes(task_gradients)
+            if self.weighting.weights_from_gram:
+                aggregate = _aggregate_over_processes
+            else:
+                task_gradients = sum_over_processes(task_gradients)
         elif processes > 1:
             # The representation's rows are samples: the processes' rows
             # together are the whole batch's.
@@ -146,7 +171,7 @@ class TorchTrainer(StatefulTrainer):
             task_losses.detach(), label_counts=label_counts
         )
         combined, weights, head_weights = self.combine_task_gradients(
-            task_gradients, task_losses.detach(), label_counts
+            task_gradients, task_losses.detach(), label_counts, aggregate
         )
         if trunk_output is not None:
             if processes > 1:

@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
-from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.gram import finite_gram
 
 RELATIVE_RANK_TOLERANCE = 1e-5
@@ -45,12 +44,11 @@ class AlignedMTL(GradientWeighting):
 
     allows_representation = True
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
+    def gram_weights(self, gram, losses, training=True, present=None):
         # An absent task's zero row gives a zero eigenvalue, whose eigenvector
         # is left out; the other eigenvectors are 0 at that task.
         del present
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        gram = finite_gram(raw_gram)
+        gram = finite_gram(gram)
         trace = ops.trace(gram)
         # An overflowing trace leaves the zero matrix, which decomposes.
         gram = gram / ops.where(trace > 0, trace, ops.ones_like(trace))
@@ -69,4 +67,4 @@ class AlignedMTL(GradientWeighting):
             inverse_roots * ops.matmul(ops.ones_like(eigenvalues), eigenvectors),
         )
         weights = ops.where(ops.any(kept), weights, ops.ones_like(weights))
-        return combination(weights, jacobian, raw_gram)
+        return weights

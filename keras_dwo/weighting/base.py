@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_dwo.weighting.gram import combination
+
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class LossWeighting(keras.layers.Layer):
@@ -107,8 +109,17 @@ class GradientWeighting(LossWeighting):
     multiplied by the task's coefficient when `weights_heads` is true (methods
     whose weights are loss weights, such as GradNorm).
 
-    Subclasses implement `aggregate(jacobian, losses, training, present)`
-    (`present` as for `LossWeighting`: an absent task's row is zero). Methods
+    Most methods combine the task gradients with coefficients found from
+    their inner products alone: such a subclass implements
+    `gram_weights(gram, losses, training, present)`, which returns the
+    coefficients `w` from the `(T, T)` Gram matrix `G = J J^T`, and the
+    direction is `w @ J`. Knowing this, a data-parallel trainer exchanges
+    far less than the T task gradients: each replica sums one slice of the
+    parameters' Jacobian, the partial Gram matrices are summed, and the
+    slices of the direction are gathered. Methods whose direction is not
+    such a combination (GradDrop) implement
+    `aggregate(jacobian, losses, training, present)` instead. `present` is
+    as for `LossWeighting`: an absent task's row is zero. Methods
     whose rule holds for the gradients of a shared representation (the
     tensor the heads read, far cheaper than the parameters) set
     `allows_representation = True`; the user then chooses with `wrt`.
@@ -154,8 +165,42 @@ class GradientWeighting(LossWeighting):
         del present
         return ops.sum(losses), ops.ones_like(losses)
 
+    @property
+    def weights_from_gram(self):
+        """Whether the direction is `gram_weights(J J^T, ...) @ J`.
+
+        True for the methods that implement `gram_weights` and leave
+        `aggregate` as it is.
+        """
+        return type(self).aggregate is GradientWeighting.aggregate
+
+    def gram_weights(self, gram, losses, training=True, present=None):
+        """Returns the `(T,)` coefficients of the task gradients.
+
+        Args:
+            gram: Float32 `(T, T)` Gram matrix `J J^T` of the task
+                gradients, as computed: an overflowing inner product makes
+                entries infinite (see `keras_dwo.weighting.gram`).
+            losses: Float32 `(T,)` tensor of the unweighted task losses.
+            training: Whether the method may update its state.
+            present: None, or a float `(T,)` mask that is 0 for the tasks
+                without a label in the batch.
+
+        Returns:
+            The `(T,)` weights `w`; the direction is `w @ J`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `gram_weights(gram, losses, "
+            "training, present)` or `aggregate(jacobian, losses, training, "
+            "present)`."
+        )
+
     def aggregate(self, jacobian, losses, training=True, present=None):
         """Returns `(direction, weights)` for a `(T, P)` Jacobian.
+
+        By default the weights are `gram_weights` of the Jacobian's Gram
+        matrix and the direction is their combination of its rows (both NaN
+        where the Gram matrix is not finite, so that the step is dropped).
 
         Args:
             jacobian: Float32 `(T, P)` tensor; row i is the gradient of task
@@ -172,10 +217,9 @@ class GradientWeighting(LossWeighting):
             direction is such a combination; see the method's docstring
             otherwise).
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement `aggregate(jacobian, losses, "
-            "training, present)`."
-        )
+        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+        weights = self.gram_weights(gram, losses, training=training, present=present)
+        return combination(weights, jacobian, gram)
 
     def combine(self, jacobian, losses, present=None):
         """Returns the direction for a `(T, P)` Jacobian and `(T,)` losses.

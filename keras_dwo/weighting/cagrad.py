@@ -6,7 +6,6 @@ from keras import ops
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
-from keras_dwo.weighting.gram import combination
 
 RESCALES = (0, 1, 2)
 
@@ -237,9 +236,8 @@ class CAGrad(GradientWeighting):
         self.c = float(c)
         self.rescale = int(rescale)
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        gram = min_norm.regularized_gram(raw_gram)
+    def gram_weights(self, gram, losses, training=True, present=None):
+        gram = min_norm.regularized_gram(gram)
         present = presence(present, losses)
         mean_weights = present / ops.sum(present)
         radius = self.c * ops.sqrt(
@@ -256,7 +254,7 @@ class CAGrad(GradientWeighting):
         )
         weights = mean_weights + (radius / conflict_norm) * conflict_weights
         weights = weights / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return combination(weights, jacobian, raw_gram)
+        return weights
 
     def get_config(self):
         return {**super().get_config(), "c": self.c, "rescale": self.rescale}

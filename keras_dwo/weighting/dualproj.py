@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
-from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.gram import finite_gram
 from keras_dwo.weighting.upgrad import dual_cone_weights
 
@@ -55,11 +54,10 @@ class DualProj(GradientWeighting):
           Learning", NeurIPS 2017.
     """
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
+    def gram_weights(self, gram, losses, training=True, present=None):
         present = presence(present, losses)
         count = ops.sum(present)
         # The mean of the gradients present; none present gives 0.
         mean = present / ops.where(count > 0, count, ops.ones_like(count))
-        weights = dual_cone_weights(finite_gram(raw_gram), mean[None, :])[0]
-        return combination(weights, jacobian, raw_gram)
+        weights = dual_cone_weights(finite_gram(gram), mean[None, :])[0]
+        return weights

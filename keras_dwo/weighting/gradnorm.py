@@ -93,15 +93,14 @@ class GradNorm(GradientWeighting):
         del present
         return linear_objective(self.loss_weights, losses)
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
+    def gram_weights(self, gram, losses, training=True, present=None):
         # A copy: the update below may assign the variable in place.
         weights = ops.copy(self.loss_weights.value)
-        direction = ops.matmul(weights, jacobian)
         if training:
-            self._update_loss_weights(jacobian, losses, presence(present, losses))
-        return direction, weights
+            self._update_loss_weights(gram, losses, presence(present, losses))
+        return weights
 
-    def _update_loss_weights(self, jacobian, losses, present):
+    def _update_loss_weights(self, gram, losses, present):
         # As tensors: `ops.where` rejects variables on JAX.
         loss_weights = ops.convert_to_tensor(self.loss_weights)
         recorded = ops.convert_to_tensor(self.initial_losses_recorded) > 0
@@ -120,7 +119,7 @@ class GradNorm(GradientWeighting):
         def mean_present(values):
             return ops.divide_no_nan(ops.sum(present * values), ops.sum(present))
 
-        gradient_norms = ops.sqrt(ops.sum(ops.square(jacobian), axis=1))
+        gradient_norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
         weighted_norms = loss_weights * gradient_norms
         # Until L_i(0) is recorded, a task counts as training at the mean rate.
         loss_ratios = ops.where(

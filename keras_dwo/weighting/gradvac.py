@@ -75,10 +75,9 @@ class GradVac(RandomState, GradientWeighting):
             name="target_cosines",
         )
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
+    def gram_weights(self, gram, losses, training=True, present=None):
         present = presence(present, losses)
         num_tasks = self.num_tasks
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
         orders = self.other_tasks_in_random_order(training)
         identity = ops.eye(num_tasks)
@@ -123,7 +122,7 @@ class GradVac(RandomState, GradientWeighting):
         if training:
             self.target_cosines.assign(ops.stack(new_targets))
         weights = ops.sum(ops.stack(corrected), axis=0)
-        return ops.matmul(weights, jacobian), weights
+        return weights
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "seed": self.seed}

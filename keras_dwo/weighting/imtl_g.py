@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
-from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.gram import cosine_matrix
 from keras_dwo.weighting.gram import finite_gram
 
@@ -158,7 +157,6 @@ class IMTLG(GradientWeighting):
 
     allows_representation = True
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        weights = imtl_g_weights(finite_gram(raw_gram), present)
-        return combination(weights, jacobian, raw_gram)
+    def gram_weights(self, gram, losses, training=True, present=None):
+        weights = imtl_g_weights(finite_gram(gram), present)
+        return weights

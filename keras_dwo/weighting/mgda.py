@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
-from keras_dwo.weighting.gram import combination
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -77,12 +76,11 @@ class MGDA(GradientWeighting):
         }[self.normalization]
         return ops.where(normalizers > 0, normalizers, ops.ones_like(normalizers))
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
+    def gram_weights(self, gram, losses, training=True, present=None):
         inverse = 1.0 / self._normalizers(gram, losses)
         normalized_gram = gram * inverse[:, None] * inverse[None, :]
         weights = min_norm.simplex_min_norm(normalized_gram, present=present) * inverse
-        return combination(weights, jacobian, gram)
+        return weights
 
     def get_config(self):
         return {**super().get_config(), "normalization": self.normalization}

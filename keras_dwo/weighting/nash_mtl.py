@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
-from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.gram import finite_gram
 
 RIDGE = 1e-4
@@ -130,9 +129,8 @@ class NashMTL(GradientWeighting):
             shape=(), initializer="zeros", trainable=False, name="steps_since_update"
         )
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        gram = finite_gram(raw_gram)
+    def gram_weights(self, gram, losses, training=True, present=None):
+        gram = finite_gram(gram)
         # The Frobenius norm, computed on a scaled copy whose squares cannot
         # overflow.
         largest = ops.max(ops.abs(gram))
@@ -171,7 +169,7 @@ class NashMTL(GradientWeighting):
                 ops.maximum(ops.sum(weights * ops.matmul(gram, weights)), 0.0)
             )
             weights = weights * ops.minimum(1.0, self.max_norm / (norm + 1e-6))
-        return combination(weights, jacobian, raw_gram)
+        return weights
 
     def get_config(self):
         return {

@@ -48,11 +48,10 @@ class PCGrad(RandomState, GradientWeighting):
         super().__init__(**kwargs)
         self.seed = seed
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
+    def gram_weights(self, gram, losses, training=True, present=None):
         # An absent task's zero row conflicts with none, so nothing is
         # projected on it; its coefficient is reported as 0.
         num_tasks = self.num_tasks
-        gram = ops.matmul(jacobian, ops.transpose(jacobian))
         squared_norms = ops.diagonal(gram)
         orders = self.other_tasks_in_random_order(training)
         identity = ops.eye(num_tasks)
@@ -68,7 +67,7 @@ class PCGrad(RandomState, GradientWeighting):
                 coefficients = coefficients - ops.where(inner < 0, scale, 0.0) * other
             projected.append(coefficients)
         weights = ops.sum(ops.stack(projected), axis=0)
-        return ops.matmul(weights, jacobian), presence(present, losses) * weights
+        return presence(present, losses) * weights
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

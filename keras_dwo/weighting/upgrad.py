@@ -6,7 +6,6 @@ from keras import ops
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
-from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.gram import finite_gram
 
 # TorchJD's default size of the regularisation, here relative to each task's
@@ -73,13 +72,12 @@ class UPGrad(GradientWeighting):
           Optimization", arXiv:2406.16232, 2024.
     """
 
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        raw_gram = ops.matmul(jacobian, ops.transpose(jacobian))
-        gram = finite_gram(raw_gram)
+    def gram_weights(self, gram, losses, training=True, present=None):
+        gram = finite_gram(gram)
         num_tasks = ops.shape(gram)[0]
         dual_weights = dual_cone_weights(gram, ops.eye(num_tasks, dtype=gram.dtype))
         # The mean of the projections of the gradients present; an absent
         # task's zero row is orthogonal to all, so it is 0 in the others'.
         present = presence(present, losses)
         weights = ops.matmul(present, dual_weights) / ops.sum(present)
-        return combination(weights, jacobian, raw_gram)
+        return weights

@@ -1,0 +1,66 @@
+"""The method's combination of the task gradients, safe on non-finite ones."""
+
+from keras import ops
+
+
+def finite_jacobian(jacobian):
+    """Returns the Jacobian with its non-finite entries replaced by 0."""
+    return ops.where(ops.isfinite(jacobian), jacobian, 0.0)
+
+
+def aggregate_blocks(method, blocks, losses, sum_over_replicas=None, **presence):
+    """Returns the method's direction, in blocks, and weights for any Jacobian.
+
+    The Jacobian comes as blocks of columns (one per variable, or one slice
+    of all of them per replica). A method that combines the task gradients
+    by their inner products (`weights_from_gram`) never needs them side by
+    side: the Gram matrix is the sum of the blocks' own, and the direction
+    is found block by block. Another method gets the blocks concatenated.
+
+    A non-finite step is dropped by the model's guard; the method must not
+    fail on it first (TensorFlow's solvers raise on NaN). It therefore sees
+    the Jacobian with non-finite entries zeroed, and the direction is made
+    non-finite where the Jacobian was, so that the guard sees it.
+
+    Args:
+        method: The `GradientWeighting`.
+        blocks: Float32 `(T, P_k)` blocks of the task gradients' columns,
+            summed over the replicas.
+        losses: The `(T,)` finite task losses.
+        sum_over_replicas: None where the blocks hold every column, or a
+            function that sums a list of tensors over the replicas, each of
+            which holds its own columns (only for `weights_from_gram`).
+        **presence: `present`, the `(T,)` mask of the tasks with labels, or
+            nothing.
+
+    Returns:
+        `(directions, weights)`: the `(P_k,)` blocks of the direction and the
+        `(T,)` coefficients of the task gradients.
+    """
+    if not method.weights_from_gram:
+        jacobian = ops.concatenate(blocks, axis=1)
+        direction, weights = method.aggregate(
+            finite_jacobian(jacobian), losses, training=True, **presence
+        )
+        direction = direction + 0.0 * ops.sum(jacobian)
+        directions, start = [], 0
+        for block in blocks:
+            size = ops.shape(block)[1]
+            directions.append(direction[start : start + size])
+            start += size
+        return directions, weights
+    finite_blocks = [finite_jacobian(block) for block in blocks]
+    gram = sum(ops.matmul(block, ops.transpose(block)) for block in finite_blocks)
+    non_finite = sum(
+        ops.sum(ops.cast(ops.logical_not(ops.isfinite(block)), "float32"))
+        for block in blocks
+    )
+    if sum_over_replicas is not None:
+        gram, non_finite = sum_over_replicas([gram, non_finite])
+    weights = method.gram_weights(gram, losses, training=True, **presence)
+    # The weights found for a non-finite Jacobian treat its entries as 0 and
+    # could put a large coefficient on a huge gradient: such a step must not
+    # be applied.
+    finite = ops.logical_and(ops.all(ops.isfinite(gram)), non_finite == 0)
+    weights = ops.where(finite, weights, float("nan"))
+    return [ops.matmul(weights, block) for block in finite_blocks], weights
