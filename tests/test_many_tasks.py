@@ -23,6 +23,7 @@ from keras_dwo.weighting import upgrad
 from keras_dwo.weighting.cagrad import bracketed_worst_case_weights
 from keras_dwo.weighting.cagrad import dual_objective
 from keras_dwo.weighting.cagrad import worst_case_weights
+from keras_dwo.weighting.fairgrad import RIDGE as FAIRGRAD_RIDGE
 
 from conftest import BACKEND
 from conftest import aggregate
@@ -384,6 +385,9 @@ def test_combine_without_tasks_and_with_one(name):
     if name == "nash_mtl":
         # The bargaining solution of one task is its unit gradient.
         expected = row[0] / np.linalg.norm(row[0])
+    elif name == "fairgrad":
+        # |g|^2 (1 + ridge) w = 1 / w at alpha = 1: the unit gradient, nearly.
+        expected = row[0] / np.linalg.norm(row[0]) / np.sqrt(1.0 + FAIRGRAD_RIDGE)
     else:
         expected = SINGLE_TASK_SCALE.get(name, 1.0) * row[0]
     np.testing.assert_allclose(direction, expected, rtol=1e-5)

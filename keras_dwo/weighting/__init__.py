@@ -12,6 +12,7 @@ from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.cagrad import CAGrad
 from keras_dwo.weighting.conflict_free import ConFIG
 from keras_dwo.weighting.dualproj import DualProj
+from keras_dwo.weighting.fairgrad import FairGrad
 from keras_dwo.weighting.famo import FAMO
 from keras_dwo.weighting.gls import GLS
 from keras_dwo.weighting.graddrop import GradDrop
@@ -51,6 +52,7 @@ IDENTIFIERS = {
     "upgrad": UPGrad,
     "dualproj": DualProj,
     "config": ConFIG,
+    "fairgrad": FairGrad,
 }
 
 # Identifiers that name a configuration of a class, not the class alone.
@@ -94,6 +96,7 @@ __all__ = [
     "ConFIG",
     "DualProj",
     "FAMO",
+    "FairGrad",
     "get",
     "GLS",
     "GradDrop",
