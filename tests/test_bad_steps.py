@@ -41,6 +41,8 @@ ALL_METHODS = [
     "upgrad",
     "dualproj",
     "config",
+    "fairgrad",
+    "stch",
 ]
 # The guard is the trainer's, the same for every method, and every method's
 # rule meets bad input directly in test_method_robustness.py. TensorFlow and

@@ -44,6 +44,7 @@ METHODS = [
     "pcgrad",
     "gradvac",
     "nash_mtl",
+    "stch",
 ]
 
 

@@ -26,6 +26,7 @@ from keras_dwo.weighting.pcgrad import PCGrad
 from keras_dwo.weighting.rlw import RLW
 from keras_dwo.weighting.scale_invariant import ScaleInvariant
 from keras_dwo.weighting.static import Static
+from keras_dwo.weighting.stch import STCH
 from keras_dwo.weighting.uncertainty import Uncertainty
 from keras_dwo.weighting.upgrad import UPGrad
 
@@ -39,6 +40,7 @@ IDENTIFIERS = {
     "log": ScaleInvariant,
     "imtl_l": IMTLL,
     "famo": FAMO,
+    "stch": STCH,
     "gradnorm": GradNorm,
     "mgda": MGDA,
     "mgda_ub": MGDA,
@@ -111,6 +113,7 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "RLW",
+    "STCH",
     "ScaleInvariant",
     "Static",
     "Uncertainty",
