@@ -168,6 +168,7 @@ REFERENCES = {
     ),
     "dualproj": Reference(torchjd="DualProj"),
     "config": Reference(torchjd="ConFIG"),
+    "fairgrad": Reference(libmtl="FairGrad", libmtl_kwargs={"FairGrad_alpha": 1.0}),
 }
 
 

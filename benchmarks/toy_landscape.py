@@ -70,6 +70,7 @@ METHODS = {
     "scale_invariant": "scale_invariant",
     "imtl_l": "imtl_l",
     "famo": keras_dwo.weighting.FAMO(gamma=0.0),
+    "stch": "stch",
     "gradnorm": "gradnorm",
     "mgda": "mgda",
     "pcgrad": "pcgrad",
@@ -80,6 +81,9 @@ METHODS = {
     "nash_mtl": "nash_mtl",
     "aligned_mtl": "aligned_mtl",
     "upgrad": "upgrad",
+    "dualproj": "dualproj",
+    "config": "config",
+    "fairgrad": "fairgrad",
 }
 QUICK_METHODS = ("equal", "nash_mtl", "famo")
 
