@@ -7,6 +7,8 @@ from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import positive_presence
 
+UPDATES = ("same_batch", "next_batch")
+
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class FAMO(LossWeighting):
@@ -23,6 +25,17 @@ class FAMO(LossWeighting):
     costs about a third of a step. The logits and their Adam moments are
     non-trainable variables, saved with the model.
 
+    `update="next_batch"` skips the extra forward pass: each training step
+    first moves the logits along `delta_i = log(L_i of the previous batch,
+    before its step) - log(L_i of this batch, before this step)`, losses the
+    step computes anyway, and then weights this step's losses with them.
+    The change of the losses is then measured across two batches, so it
+    carries their sampling noise as well as the step's effect. Where every
+    step sees the same data (full-batch training) and the forward pass does
+    not depend on `training` (no dropout, no batch normalization), the two
+    updates are the same. The previous losses are non-trainable variables
+    too, so a resumed run continues the same sequence.
+
     The logarithms are defined for losses above their lower bounds only: a
     task whose loss is not above `m_i` (a loss of 0, as a task weight of 0
     makes it, or a negative one) is treated in that step exactly like an
@@ -38,6 +51,10 @@ class FAMO(LossWeighting):
         epsilon: Small constant inside the logarithm.
         beta_1: Adam's first-moment decay for the logits.
         beta_2: Adam's second-moment decay for the logits.
+        update: `"same_batch"` (default, the paper's): the logits learn
+            from the losses of the same batch after the step, which costs
+            a forward pass. `"next_batch"`: from the next batch's losses
+            before its step, at no extra cost (see above).
         **kwargs: Passed to `LossWeighting`.
 
     References:
@@ -55,9 +72,14 @@ class FAMO(LossWeighting):
         epsilon=1e-8,
         beta_1=0.9,
         beta_2=0.999,
+        update="same_batch",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if update not in UPDATES:
+            raise ValueError(f"`update` must be one of {UPDATES}; received {update!r}.")
+        self.update_from = update
+        self.updates_after_step = update == "same_batch"
         self.learning_rate = float(learning_rate)
         self.gamma = float(gamma)
         self.min_losses = None if min_losses is None else [float(m) for m in min_losses]
@@ -79,6 +101,17 @@ class FAMO(LossWeighting):
         self.logits_adam = AdamMoments(
             self, shape, "logits", beta_1=self.beta_1, beta_2=self.beta_2
         )
+        if self.update_from == "next_batch":
+            self.previous_losses = self.add_weight(
+                shape=shape, initializer="zeros", trainable=False, name="previous"
+            )
+            # 1 where the previous batch had a loss above the task's bound.
+            self.previous_present = self.add_weight(
+                shape=shape,
+                initializer="zeros",
+                trainable=False,
+                name="previous_present",
+            )
 
     def task_probabilities(self, present=None):
         """Returns `softmax(xi)`, the share of each task (of those present)."""
@@ -102,6 +135,8 @@ class FAMO(LossWeighting):
     def call(self, losses, training=False, present=None):
         gaps = self._gaps(losses)
         present = positive_presence(present, gaps)
+        if training and self.update_from == "next_batch":
+            self._update_from_previous_batch(losses, present)
         z = self.task_probabilities(present)
         shifted = self._shifted(gaps, present)
         normaliser = ops.stop_gradient(ops.sum(z / shifted))
@@ -109,6 +144,19 @@ class FAMO(LossWeighting):
         objective = ops.sum(z * ops.log(shifted)) / normaliser
         weights = ops.stop_gradient(z / (normaliser * shifted))
         return objective, weights
+
+    def _update_from_previous_batch(self, losses, present):
+        losses = ops.stop_gradient(losses)
+        previous_present = ops.convert_to_tensor(self.previous_present)
+        previous_losses = ops.convert_to_tensor(self.previous_losses)
+        # The first step, or a task absent from either batch, moves nothing.
+        self.update(
+            ops.where(previous_present > 0, previous_losses, losses),
+            losses,
+            present=previous_present * present,
+        )
+        self.previous_losses.assign(ops.where(present > 0, losses, previous_losses))
+        self.previous_present.assign(present)
 
     def update(self, losses_before, losses_after, present=None):
         gaps_before = self._gaps(losses_before)
@@ -134,4 +182,5 @@ class FAMO(LossWeighting):
             "epsilon": self.epsilon,
             "beta_1": self.beta_1,
             "beta_2": self.beta_2,
+            "update": self.update_from,
         }
