@@ -18,8 +18,9 @@ def aggregate_blocks(method, blocks, losses, sum_over_replicas=None, **presence)
     is found block by block. Another method gets the blocks concatenated.
 
     A non-finite step is dropped by the model's guard; the method must not
-    fail on it first (TensorFlow's solvers raise on NaN). It therefore sees
-    the Jacobian with non-finite entries zeroed, and the direction is made
+    fail on it first (TensorFlow's solvers raise on NaN). A method that
+    takes the Jacobian sees it with non-finite entries zeroed; one that
+    takes the Gram matrix sanitises it itself. Either way the direction is
     non-finite where the Jacobian was, so that the guard sees it.
 
     Args:
@@ -49,18 +50,15 @@ def aggregate_blocks(method, blocks, losses, sum_over_replicas=None, **presence)
             directions.append(direction[start : start + size])
             start += size
         return directions, weights
-    finite_blocks = [finite_jacobian(block) for block in blocks]
-    gram = sum(ops.matmul(block, ops.transpose(block)) for block in finite_blocks)
-    non_finite = sum(
-        ops.sum(ops.cast(ops.logical_not(ops.isfinite(block)), "float32"))
-        for block in blocks
-    )
+    # No finite copy of the blocks: a non-finite entry makes its task's
+    # diagonal entry of the Gram matrix non-finite, which the methods that
+    # solve it sanitise (`gram.finite_gram`) and which drops the step below.
+    gram = sum(ops.matmul(block, ops.transpose(block)) for block in blocks)
     if sum_over_replicas is not None:
-        gram, non_finite = sum_over_replicas([gram, non_finite])
+        (gram,) = sum_over_replicas([gram])
     weights = method.gram_weights(gram, losses, training=True, **presence)
-    # The weights found for a non-finite Jacobian treat its entries as 0 and
-    # could put a large coefficient on a huge gradient: such a step must not
-    # be applied.
-    finite = ops.logical_and(ops.all(ops.isfinite(gram)), non_finite == 0)
-    weights = ops.where(finite, weights, float("nan"))
-    return [ops.matmul(weights, block) for block in finite_blocks], weights
+    # The weights found for a non-finite Gram matrix treat those tasks as
+    # zero gradients and could put a large coefficient on a huge one: such a
+    # step must not be applied.
+    weights = ops.where(ops.all(ops.isfinite(gram)), weights, float("nan"))
+    return [ops.matmul(weights, block) for block in blocks], weights

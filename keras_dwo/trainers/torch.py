@@ -153,8 +153,14 @@ class TorchTrainer(StatefulTrainer):
             self.task_weights.value * task_losses / processes
         )
         sources = shared if trunk_output is None else trunk_output
-        rows = [_gradients(task_loss, sources) for task_loss in scaled_losses]
-        task_gradients = [torch.stack(per_task) for per_task in zip(*rows)]
+        # Filled task by task: one task's gradients at a time besides them.
+        task_gradients = [
+            torch.empty((len(scaled_losses), *s.shape), dtype=s.dtype, device=s.device)
+            for s in sources
+        ]
+        for task, task_loss in enumerate(scaled_losses):
+            for rows, gradient in zip(task_gradients, _gradients(task_loss, sources)):
+                rows[task] = gradient
         aggregate = aggregate_blocks
         if processes > 1 and trunk_output is None:
             if self.weighting.weights_from_gram:
