@@ -12,9 +12,10 @@ The network: 512 inputs, a shared trunk of two 2048-unit ReLU layers
 regression heads; batch 256; SGD. After a first step (which builds and
 compiles everything), the script resets the process's peak resident set
 size (`/proc/self/clear_refs`, Linux), runs three more steps, and reads the
-peak (`VmHWM`) against the resident size before them (`VmRSS`). On a CPU
-machine that is the memory the step allocates on the host; the Jacobian
-alone is T x 20 MB.
+peak (`VmHWM`) against the resident size before them (`VmRSS`), with
+glibc told to return every block of 64 kB or more when it is freed. On a
+CPU machine that is the memory the step allocates on the host; the
+Jacobian alone is T x 20 MB.
 
 Run it from the repository root (Linux):
 
@@ -80,7 +81,15 @@ def measure(method, tasks):
 
 
 def run(backend, method, tasks):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        # Blocks of 64 kB and more are mapped and unmapped by glibc on each
+        # allocation and release, so that the resident size follows the
+        # memory in use instead of what the allocator keeps.
+        "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+    }
     command = [sys.executable, __file__, "--worker", method, str(tasks)]
     completed = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=1800
