@@ -70,6 +70,7 @@ METHODS = {
     "scale_invariant": "scale_invariant",
     "imtl_l": "imtl_l",
     "famo": keras_dwo.weighting.FAMO(gamma=0.0),
+    "famo_next_batch": keras_dwo.weighting.FAMO(gamma=0.0, update="next_batch"),
     "stch": "stch",
     "gradnorm": "gradnorm",
     "mgda": "mgda",
