@@ -16,6 +16,13 @@ def process_count():
     return 1
 
 
+def _counting_device():
+    """Where the helpers' own integer tensors live: NCCL exchanges CUDA ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _exchanged(tensors, exchange):
     """Runs `exchange` in place on the tensors, one flat buffer per dtype.
 
@@ -61,8 +68,12 @@ def gather_over_processes(tensors, axis):
         where this process's part lies along `axis`.
     """
     size = tensors[0].shape[axis]
-    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(process_count())]
-    dist.all_gather(sizes, torch.tensor(size, dtype=torch.int64))
+    device = _counting_device()
+    sizes = [
+        torch.zeros((), dtype=torch.int64, device=device)
+        for _ in range(process_count())
+    ]
+    dist.all_gather(sizes, torch.tensor(size, dtype=torch.int64, device=device))
     sizes = [int(s) for s in sizes]
     largest = max(sizes)
     gathered = []
@@ -93,22 +104,24 @@ def sum_scattered(matrix):
     processes = process_count()
     rows, columns = matrix.shape
     width = -(-columns // processes)
-    padded = torch.zeros((processes * width, rows), dtype=matrix.dtype)
+    padded = matrix.new_zeros((processes * width, rows))
     padded[:columns] = matrix.detach().T
-    own = torch.empty((width, rows), dtype=matrix.dtype)
+    own = matrix.new_empty((width, rows))
     dist.reduce_scatter_tensor(own, padded)
     return own.T
 
 
 def gather_scattered(own, size):
     """Concatenates the processes' `own` vectors in rank order, cut to `size`."""
-    whole = torch.empty((process_count() * own.numel(),), dtype=own.dtype)
+    whole = own.new_empty((process_count() * own.numel(),))
     dist.all_gather_into_tensor(whole, own.detach().contiguous())
     return whole[:size]
 
 
 def range_over_processes(value):
     """Returns `(smallest, largest)` of an integer over the processes."""
-    extremes = torch.tensor([-value, value], dtype=torch.int64)
+    extremes = torch.tensor(
+        [-value, value], dtype=torch.int64, device=_counting_device()
+    )
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     return -int(extremes[0]), int(extremes[1])
