@@ -88,16 +88,17 @@ def sent_elements(collective, elements):
     return round(elements * factors[collective])
 
 
-def build_model(method, tasks):
+def build_model(method, tasks, inputs=INPUTS, units=UNITS):
+    """The benchmark network: a two-layer ReLU trunk, T one-unit heads, SGD."""
     import keras
 
     import keras_dwo
 
-    inputs = keras.Input(shape=(INPUTS,))
-    hidden = keras.layers.Dense(UNITS, activation="relu")(inputs)
-    hidden = keras.layers.Dense(UNITS, activation="relu")(hidden)
+    features = keras.Input(shape=(inputs,))
+    hidden = keras.layers.Dense(units, activation="relu")(features)
+    hidden = keras.layers.Dense(units, activation="relu")(hidden)
     outputs = {f"task_{i}": keras.layers.Dense(1)(hidden) for i in range(tasks)}
-    model = keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=method)
+    model = keras_dwo.DynamicWeightedModel(features, outputs, weighting=method)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     return model
 

@@ -54,23 +54,20 @@ def _status_kilobytes(field):
 def measure(method, tasks):
     """Peak MB of `STEPS` training steps above the resident size before them."""
     import keras
-
-    import keras_dwo
+    from communication import build_model
 
     if keras.backend.backend() == "torch":
         import torch
 
         torch.set_num_threads(1)
     keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape=(INPUTS,))
-    hidden = keras.layers.Dense(UNITS, activation="relu")(inputs)
-    hidden = keras.layers.Dense(UNITS, activation="relu")(hidden)
-    outputs = {f"task_{i}": keras.layers.Dense(1)(hidden) for i in range(tasks)}
-    model = keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=method)
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model = build_model(method, tasks, inputs=INPUTS, units=UNITS)
     rng = np.random.default_rng(0)
     x = rng.normal(size=((STEPS + 1) * BATCH, INPUTS)).astype("float32")
-    y = {name: rng.normal(size=(len(x), 1)).astype("float32") for name in outputs}
+    y = {
+        name: rng.normal(size=(len(x), 1)).astype("float32")
+        for name in model.task_names
+    }
     model.fit(x[:BATCH], {k: v[:BATCH] for k, v in y.items()}, verbose=0)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
