@@ -31,6 +31,14 @@ def _check_takes_presence(method):
             )
 
 
+def _check_unclaimed(method):
+    if method.task_names is not None:
+        raise ValueError(
+            f"The weighting {method.name!r} already serves the tasks "
+            f"{method.task_names}; give each model its own instance."
+        )
+
+
 def _first_batch(x, y, sample_weight):
     """Returns `(x, y, sample_weight)` of a first batch, or None if unsafe.
 
@@ -72,7 +80,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
       model (functional, Sequential parts, subclassed, a backbone with
       heads), sharing its layers and weights.
 
-    Compile it with one loss per task (or one loss for every task) and train
+    Compile it with one loss per output (or one loss for every output, or
+    several loss terms for an output, each then a task of its own) and train
     it with `fit` as usual: at every step the per-task losses are multiplied
     by `task_weights` and combined by the `weighting` method. The logs carry
     `<task>_loss` (the unweighted loss), `<task>_weight` (the weight of that
@@ -190,7 +199,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
                     "`__init__` and returns the task outputs from `call`; "
                     "pass no `inputs` and `outputs` to its constructor."
                 )
-            names = tasks.output_task_names(outputs)
+            names = tasks.output_names(outputs)
             if task_names is not None and tuple(task_names) != names:
                 raise ValueError(
                     f"`task_names` {list(task_names)} differ from the names of "
@@ -209,31 +218,78 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if self.shared is not None and isinstance(self, Functional):
             plans.named_variables(self, self.shared)
         method = weighting_module.get(weighting)
-        if method.task_names is not None:
-            raise ValueError(
-                f"The weighting {method.name!r} already serves the tasks "
-                f"{method.task_names}; give each model its own instance."
-            )
+        _check_unclaimed(method)
         if self.missing_label is not None:
             _check_takes_presence(method)
         self.weighting = method
+        self.output_keys = None
         self.task_names = None
+        self._task_outputs = None
         self.loss_functions = None
         self._gradient_plan = None
         self._graph = None
         self._returns_dict = task_names is None
         if task_names is not None:
-            self._set_tasks(task_names)
+            self._set_outputs(task_names)
 
-    def _set_tasks(self, task_names):
-        """Creates the per-task state: task weights, method state and logs."""
+    def _set_outputs(self, output_keys):
+        """Records the names of the model's outputs, in order.
+
+        Until `compile` says which loss terms each output has, each output is
+        one task, and the tasks' state is made for them, so that weights can
+        be loaded into the model before it is compiled.
+        """
+        output_keys = tasks.checked_output_names(output_keys)
+        if self.output_keys is not None:
+            if output_keys != self.output_keys:
+                raise ValueError(
+                    f"The model's outputs are {self.output_keys}; received "
+                    f"{output_keys}."
+                )
+            return
+        self.output_keys = output_keys
+        self.task_names = output_keys
+        if len(output_keys) > 1:
+            self._build_task_state(output_keys)
+
+    def _set_tasks(self, task_names, task_outputs):
+        """Sets the tasks that `compile`'s losses define.
+
+        Args:
+            task_names: The tasks, in order.
+            task_outputs: For each task, the index of the output it reads.
+        """
         task_names = tasks.checked_task_names(task_names)
-        if self.task_names is not None:
-            if task_names != self.task_names:
+        if task_names != self.task_names or not self._has_task_state():
+            if self._task_outputs is not None:
                 raise ValueError(
                     f"The model's tasks are {self.task_names}; received {task_names}."
                 )
-            return
+            if self._has_task_state():
+                self._drop_task_state()
+            self._build_task_state(task_names)
+        self._task_outputs = tuple(task_outputs)
+
+    def _has_task_state(self):
+        return getattr(self, "task_tracker", None) is not None
+
+    def _drop_task_state(self):
+        """Removes the state made for one task per output, before loss terms."""
+        self._tracker.untrack(self.task_tracker)
+        del self.task_tracker
+        del self.task_weights
+        del self.task_loss_history
+        # The method's variables have one entry per task: a copy is built.
+        self._tracker.untrack(self.weighting)
+        method = self.weighting
+        self.weighting = weighting_module.get(
+            keras.saving.serialize_keras_object(method)
+        )
+        method.task_names = None
+
+    def _build_task_state(self, task_names):
+        """Creates the per-task state: task weights, method state and logs."""
+        _check_unclaimed(self.weighting)
         self.task_names = task_names
         self.weighting.build(task_names)
         num_tasks = len(task_names)
@@ -309,11 +365,20 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, **kwargs):
         """Configures the model for training.
 
+        Each output is a task, unless its loss is a list of loss terms (an
+        L1 and an IoU loss on a box): each term is then a task of its own,
+        named `<output>_<term>` after the term's identifier, `name` or
+        function name (or `<output>_<key>` for a dict of terms), weighted,
+        balanced and logged like any task; `model.task_names` lists them.
+        Metrics stay per output.
+
         Args:
             optimizer: As for `keras.Model.compile`.
-            loss: One loss for every task (an identifier, a function or a
-                `keras.losses.Loss` instance), or one per task: a dict keyed
-                by task name or a list in task order.
+            loss: One loss for every output (an identifier, a function or a
+                `keras.losses.Loss` instance), or one per output: a dict
+                keyed by output name or a list in output order. An output's
+                loss may be a list of terms, or a dict of terms keyed by
+                term name.
             loss_weights: Optional initial `task_weights`, as a dict keyed by
                 task name or a list in task order; finite and non-negative.
             **kwargs: Passed to `keras.Model.compile` (`metrics`,
@@ -321,9 +386,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
         """
         if loss is None:
             raise ValueError("`loss` is required: one loss per task, or one for all.")
-        if self.task_names is None and isinstance(loss, dict):
-            self._set_tasks(loss)
-        if self.task_names is not None:
+        if self.output_keys is None and isinstance(loss, dict):
+            self._set_outputs(loss)
+        if self.output_keys is not None:
             self._compile_tasks(loss, loss_weights)
         elif loss_weights is not None and not isinstance(loss_weights, dict):
             raise ValueError(
@@ -346,9 +411,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
 
     def _compile_tasks(self, loss, loss_weights):
-        self.loss_functions = tasks.resolve_losses(loss, self.task_names)
+        task_names, task_outputs, loss_functions = tasks.loss_tasks(
+            loss, self.output_keys
+        )
+        self._set_tasks(task_names, task_outputs)
+        self.loss_functions = loss_functions
         if loss_weights is not None:
-            weights = tasks.by_task(loss_weights, self.task_names, "loss weight")
+            weights = tasks.by_name(
+                loss_weights, self.task_names, "loss weight", kind="task"
+            )
             self.task_weights.assign(validated_task_weights(weights, self.task_names))
 
     def compile_from_config(self, config):
@@ -360,12 +431,14 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def get_build_config(self):
         config = super().get_build_config()
         if config is not None and not isinstance(self, Functional):
-            config["task_names"] = list(self.task_names or ())
+            config["output_names"] = list(self.output_keys or ())
         return config
 
     def build_from_config(self, config):
-        if config.get("task_names"):
-            self._set_tasks(config["task_names"])
+        # Files written by keras-dwo 0.1 name the outputs "task_names".
+        output_keys = config.get("output_names") or config.get("task_names")
+        if output_keys:
+            self._set_outputs(output_keys)
         super().build_from_config(config)
 
     def _prepare(self, x, y, sample_weight, training):
@@ -379,7 +452,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
             raise ValueError("You must call `compile()` before using the model.")
         batch = None
         needs_plan = training and self.weighting.needs_task_gradients
-        if self.task_names is None or (
+        if self.output_keys is None or (
             needs_plan and self._graph is None and not isinstance(self, Functional)
         ):
             batch = _first_batch(x, y, sample_weight)
@@ -425,15 +498,15 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self._returns_dict = isinstance(outputs, dict)
         if self._returns_dict:
             names = list(outputs)
-        elif self.task_names is not None:
-            names = self.task_names
+        elif self.output_keys is not None:
+            names = self.output_keys
         else:
             raise ValueError(
                 f"The `call` of {type(self).__name__} returns a "
                 f"{type(outputs).__name__}; name its tasks with `task_names=` "
                 "or return a dict keyed by task name."
             )
-        self._set_tasks(names)
+        self._set_outputs(names)
         if self._graph is not None:
             traced = self._graph[1]
             if isinstance(traced, dict):
@@ -491,17 +564,18 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     def _check_targets(self, y, sample_weight=None):
         if y is not None:
-            tasks.by_task(y, self.task_names, "target", self._dict_outputs)
+            tasks.by_name(y, self.output_keys, "target", self._dict_outputs)
         if isinstance(sample_weight, (dict, list, tuple)):
-            tasks.task_sample_weights(
-                sample_weight, self.task_names, self._dict_outputs
+            tasks.output_sample_weights(
+                sample_weight, self.output_keys, self._dict_outputs
             )
 
-    def _task_sample_weights(self, sample_weight):
-        return tasks.task_sample_weights(sample_weight, self.task_names)
+    def _by_output(self, structure, what):
+        return tasks.by_name(structure, self.output_keys, what)
 
-    def _by_task(self, structure, what):
-        return tasks.by_task(structure, self.task_names, what)
+    def _for_each_task(self, per_output):
+        """Returns a per-output list as a per-task one (terms share an output)."""
+        return [per_output[index] for index in self._task_outputs]
 
     def count_task_labels(self, y, sample_weight=None):
         """Returns each task's number of labelled samples in the batch.
@@ -512,19 +586,21 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if self.missing_label is None:
             return None
         labelled = tasks.labelled(
-            self._by_task(y, "target"),
-            self._task_sample_weights(sample_weight),
+            self._by_output(y, "target"),
+            tasks.output_sample_weights(sample_weight, self.output_keys),
             self.missing_label,
         )
-        return ops.stack([count for _, _, count in labelled])
+        return ops.stack(self._for_each_task([count for _, _, count in labelled]))
 
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
         return tasks.task_losses(
             self.loss_functions,
-            self._by_task(y, "target"),
-            self._by_task(y_pred, "output"),
-            self._task_sample_weights(sample_weight),
+            self._for_each_task(self._by_output(y, "target")),
+            self._for_each_task(self._by_output(y_pred, "output")),
+            self._for_each_task(
+                tasks.output_sample_weights(sample_weight, self.output_keys)
+            ),
             self.missing_label,
         )
 
@@ -532,8 +608,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if self.missing_label is None or y is None:
             return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         labelled = tasks.labelled(
-            self._by_task(y, "target"),
-            self._task_sample_weights(sample_weight),
+            self._by_output(y, "target"),
+            tasks.output_sample_weights(sample_weight, self.output_keys),
             self.missing_label,
         )
         return super().compute_metrics(
@@ -592,7 +668,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if isinstance(self, Functional):
             graph = (
                 self._inputs_struct,
-                self._by_task(self._outputs_struct, "output"),
+                self._by_output(self._outputs_struct, "output"),
             )
         plan = plans.make_plan(
             self, graph, self.weighting.wrt, self.shared, self.representation
@@ -616,11 +692,11 @@ class DynamicWeightedModel(Trainer, keras.Model):
             self.gradient_plan().shared_indices
         )
 
-    def outputs_like_model(self, task_outputs):
-        """Returns a list of task outputs in the structure of the model's outputs."""
+    def outputs_like_model(self, values):
+        """Returns a list with one value per output in the model's output structure."""
         if self._dict_outputs:
-            return dict(zip(self.task_names, task_outputs))
-        return list(task_outputs)
+            return dict(zip(self.output_keys, values))
+        return list(values)
 
     def combine_task_gradients(
         self,

@@ -10,16 +10,15 @@ import keras
 from keras import ops
 
 
-def output_task_names(outputs):
-    """Returns the task names of a functional model's outputs.
+def output_names(outputs):
+    """Returns the names of a functional model's outputs.
 
     Args:
         outputs: A dict of output tensors (its keys are the names) or a list
             of output tensors (the names of the layers that produce them).
 
     Raises:
-        ValueError: If a task is nested, there are fewer than two tasks or
-            two tasks share a name.
+        ValueError: If an output is nested or two outputs share a name.
     """
     if isinstance(outputs, dict):
         names = [str(name) for name in outputs]
@@ -31,9 +30,19 @@ def output_task_names(outputs):
         leaves, names = [outputs], ["output"]
     if any(isinstance(leaf, (dict, list, tuple)) for leaf in leaves):
         raise ValueError(
-            "Each task must be a single output tensor; received nested outputs."
+            "Each output must be a single tensor; received nested outputs."
         )
-    return checked_task_names(names)
+    return checked_output_names(names)
+
+
+def checked_output_names(names):
+    """Returns `names` as a tuple of unique strings."""
+    names = tuple(str(name) for name in names)
+    if not names:
+        raise ValueError("The model has no outputs.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Output names must be unique; received {list(names)}.")
+    return names
 
 
 def checked_task_names(names):
@@ -41,55 +50,57 @@ def checked_task_names(names):
     names = tuple(str(name) for name in names)
     if len(names) < 2:
         raise ValueError(
-            "DynamicWeightedModel needs at least two tasks (outputs); received "
-            f"{len(names)}. Use a plain keras.Model for a single task."
+            "DynamicWeightedModel needs at least two tasks (outputs, or loss "
+            f"terms of one output); received {len(names)}: {list(names)}. Give "
+            "an output several loss terms (a list of losses), or use a plain "
+            "keras.Model for a single task."
         )
     if len(set(names)) != len(names):
         raise ValueError(f"Task names must be unique; received {list(names)}.")
     return names
 
 
-def by_task(structure, task_names, what, dict_outputs=False):
-    """Returns `structure` (a dict by task name or a sequence) in task order.
+def by_name(structure, names, what, dict_outputs=False, kind="output"):
+    """Returns `structure` (a dict by name or a sequence) in the order of `names`.
 
     Args:
-        structure: A dict keyed by task name, or a list or tuple in task
-            order.
-        task_names: The task names, in task order.
+        structure: A dict keyed by name, or a list or tuple in order.
+        names: The output (or task) names, in order.
         what: What the structure holds, for error messages ("loss", "target").
         dict_outputs: Whether the model's outputs are a dict. Keras pairs a
             list of targets with dict outputs in another order for losses
             and for metrics, so a list is refused there.
+        kind: What the names name, for error messages ("output", "task").
 
     Raises:
-        ValueError: Naming the unknown or missing tasks, or the count.
+        ValueError: Naming the unknown or missing names, or the count.
     """
     if isinstance(structure, dict):
-        unknown = sorted(set(structure) - set(task_names))
-        missing = [name for name in task_names if name not in structure]
+        unknown = sorted(set(structure) - set(names))
+        missing = [name for name in names if name not in structure]
         if unknown:
             raise ValueError(
-                f"{what} given for unknown task(s) {unknown}; the tasks are "
-                f"{task_names}."
+                f"{what} given for unknown {kind}(s) {unknown}; the {kind}s are "
+                f"{names}."
             )
         if missing:
             raise ValueError(
-                f"No {what} for task(s) {missing}; the tasks are {task_names}."
+                f"No {what} for {kind}(s) {missing}; the {kind}s are {names}."
             )
-        return [structure[name] for name in task_names]
-    if isinstance(structure, (list, tuple)) and len(structure) == len(task_names):
+        return [structure[name] for name in names]
+    if isinstance(structure, (list, tuple)) and len(structure) == len(names):
         if dict_outputs:
             raise ValueError(
                 f"The model's outputs are a dict, so each {what} must be given "
-                f"in a dict keyed by task name {task_names}; received a "
+                f"in a dict keyed by {kind} name {names}; received a "
                 f"{type(structure).__name__}, whose pairing with the outputs "
                 "would be ambiguous."
             )
         return list(structure)
     count = len(structure) if isinstance(structure, (list, tuple)) else 1
     raise ValueError(
-        f"Expected one {what} per task {task_names}, as a dict keyed by task "
-        f"name or a list in task order; received {count}."
+        f"Expected one {what} per {kind} {names}, as a dict keyed by {kind} "
+        f"name or a list in {kind} order; received {count}."
     )
 
 
@@ -122,31 +133,76 @@ def is_single_loss(loss):
     )
 
 
-def resolve_losses(loss, task_names):
-    """Returns one `keras.losses.Loss` per task, in task order.
+def _term_name(identifier, output):
+    if isinstance(identifier, str):
+        return identifier
+    if isinstance(identifier, keras.losses.Loss):
+        return identifier.name
+    name = getattr(identifier, "__name__", None)
+    if name is None or name == "<lambda>":
+        raise ValueError(
+            f"The loss terms of output {output!r} must be named: give them "
+            f"as a dict keyed by term name; received {identifier!r}."
+        )
+    return name
+
+
+def _output_terms(output, identifier):
+    """Returns `[(task_name, identifier)]` for one output's loss or terms."""
+    if isinstance(identifier, dict):
+        return [(f"{output}_{term}", each) for term, each in identifier.items()]
+    if isinstance(identifier, (list, tuple)):
+        return [(f"{output}_{_term_name(each, output)}", each) for each in identifier]
+    return [(output, identifier)]
+
+
+def loss_tasks(loss, output_names):
+    """Returns the tasks that `loss` defines on the model's outputs.
+
+    Each output is one task, except where its loss is a list of loss terms
+    (each term is a task named `<output>_<term>`, the term named after the
+    loss: its identifier, its `name` or its function's `__name__`) or a dict
+    of them (`<output>_<key>`).
 
     Args:
-        loss: One loss for every task (an identifier, a function or a
+        loss: One loss for every output (an identifier, a function or a
             `keras.losses.Loss`, as Keras applies it to every output), or one
-            per task as a dict keyed by task name or a list in task order.
-        task_names: The task names.
+            per output as a dict keyed by output name or a list in output
+            order, where an output's loss may be a list or dict of terms.
+        output_names: The names of the model's outputs, in order.
+
+    Returns:
+        `(task_names, task_outputs, losses)`: the tasks in order, the index
+        of the output each task reads, and each task's `keras.losses.Loss`.
+
+    Raises:
+        ValueError: Naming the output without a loss, the unknown output, the
+            loss that cannot be interpreted or the task name given twice.
     """
     if loss is None:
-        raise ValueError(f"`loss` is required: one loss per task {task_names}.")
+        raise ValueError(f"`loss` is required: one loss per output {output_names}.")
     if is_single_loss(loss):
-        # A `Loss` instance keeps no state, so the tasks may share it.
-        return [_resolve_loss(loss, task) for task in task_names]
-    return [
-        _resolve_loss(identifier, task)
-        for task, identifier in zip(task_names, by_task(loss, task_names, "loss"))
-    ]
+        per_output = [loss] * len(output_names)
+    else:
+        per_output = by_name(loss, output_names, "loss")
+    names, outputs, losses = [], [], []
+    for index, (output, identifier) in enumerate(zip(output_names, per_output)):
+        terms = _output_terms(output, identifier)
+        if not terms:
+            raise ValueError(f"Output {output!r} has an empty list of loss terms.")
+        for name, each in terms:
+            names.append(name)
+            outputs.append(index)
+            # A `Loss` instance keeps no state, so the tasks may share it.
+            losses.append(_resolve_loss(each, name))
+    return checked_task_names(names), tuple(outputs), losses
 
 
-def task_sample_weights(sample_weight, task_names, dict_outputs=False):
-    """Returns one sample weight (or None) per task."""
+def output_sample_weights(sample_weight, output_names, dict_outputs=False):
+    """Returns one sample weight (or None) per output."""
     if sample_weight is None or not isinstance(sample_weight, (dict, list, tuple)):
-        return [sample_weight] * len(task_names)
-    return by_task(sample_weight, task_names, "sample weight", dict_outputs)
+        return [sample_weight] * len(output_names)
+    return by_name(sample_weight, output_names, "sample weight", dict_outputs)
 
 
 def labelled(targets, sample_weights, missing_label):

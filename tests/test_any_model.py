@@ -160,7 +160,7 @@ def test_list_targets_for_dict_outputs_are_refused_before_training():
     x, y = two_task_data(32)
     model = TwoHeads(weighting="upgrad")
     model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
-    with pytest.raises(ValueError, match="dict keyed by task name"):
+    with pytest.raises(ValueError, match="dict keyed by output name"):
         model.fit(x, [y["label"], y["value"]], verbose=0)
     assert np.isfinite(model.fit(x, y, verbose=0).history["loss"][0])
 

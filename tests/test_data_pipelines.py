@@ -102,12 +102,12 @@ def test_python_generator_trains_as_arrays_do():
     )
 
 
-def test_a_py_dataset_with_an_unknown_task_is_refused():
+def test_a_py_dataset_with_an_unknown_output_is_refused():
     x, y = two_task_data(SAMPLES)
     model = two_task_model()
     model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
     wrong = {"label": y["label"], "speed": y["value"]}
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['speed'\]"):
+    with pytest.raises(ValueError, match=r"unknown output\(s\) \['speed'\]"):
         model.fit(Batches(x, wrong), epochs=1, verbose=0)
 
 
