@@ -6,11 +6,13 @@ from keras_dwo import tuning
 from keras_dwo import weighting
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.plotting import plot_weights
+from keras_dwo.task_balancer import TaskBalancer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DynamicWeightedModel",
+    "TaskBalancer",
     "callbacks",
     "layers",
     "plot_weights",

@@ -62,3 +62,44 @@ def aggregate_blocks(method, blocks, losses, sum_over_replicas=None, **presence)
     # step must not be applied.
     weights = ops.where(ops.all(ops.isfinite(gram)), weights, float("nan"))
     return [ops.matmul(weights, block) for block in blocks], weights
+
+
+def combine(
+    method, task_gradients, losses, loss_scale=None, aggregate=None, **presence
+):
+    """Combines per-task gradients, of any shapes, into one gradient each.
+
+    Args:
+        method: The `GradientWeighting`.
+        task_gradients: One `(T, ...)` tensor per variable: the gradients of
+            the T weighted task losses with respect to it.
+        losses: The `(T,)` task losses (non-finite ones are passed as 0; the
+            guard drops such a step).
+        loss_scale: None, or the factor by which the gradients are scaled
+            (mixed precision): the method sees unscaled gradients, and the
+            direction is scaled back.
+        aggregate: `aggregate_blocks` (default), or a trainer's function
+            with its arguments, for gradients that are each replica's own.
+        **presence: `present`, or nothing.
+
+    Returns:
+        `(gradients, weights)`: one combined gradient per entry of
+        `task_gradients`, shaped and typed like one of its rows, and the
+        `(T,)` coefficients of the task gradients.
+    """
+    aggregate = aggregate or aggregate_blocks
+    num_tasks = ops.shape(losses)[0]
+    blocks = [
+        ops.reshape(ops.cast(g, "float32"), (num_tasks, -1)) for g in task_gradients
+    ]
+    if loss_scale is not None:
+        blocks = [block / loss_scale for block in blocks]
+    finite_losses = ops.where(ops.isfinite(losses), losses, 0.0)
+    directions, weights = aggregate(method, blocks, finite_losses, **presence)
+    gradients = []
+    for gradient, direction in zip(task_gradients, directions):
+        if loss_scale is not None:
+            direction = direction * loss_scale
+        direction = ops.reshape(direction, ops.shape(gradient)[1:])
+        gradients.append(ops.cast(direction, gradient.dtype))
+    return gradients, ops.stop_gradient(weights)

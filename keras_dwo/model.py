@@ -703,7 +703,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         task_gradients,
         task_losses,
         label_counts=None,
-        aggregate=aggregation.aggregate_blocks,
+        aggregate=None,
     ):
         """Combines per-task gradients with the gradient-level method.
 
@@ -713,9 +713,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 weighted task losses with respect to it.
             task_losses: The `(T,)` unweighted task losses.
             label_counts: None, or the `(T,)` labelled samples per task.
-            aggregate: `aggregation.aggregate_blocks`, or a trainer's
-                function with its arguments, for task gradients that are
-                still each replica's own.
+            aggregate: None (`aggregation.aggregate_blocks`), or a
+                trainer's function with its arguments, for task gradients
+                that are still each replica's own.
 
         Returns:
             `(gradients, weights, head_weights)`: one combined gradient per
@@ -723,28 +723,19 @@ class DynamicWeightedModel(Trainer, keras.Model):
             (each task's coefficient times its task weight); and the factors
             of the task-specific gradients.
         """
-        num_tasks = len(self.task_names)
-        blocks = [
-            ops.reshape(ops.cast(g, "float32"), (num_tasks, -1)) for g in task_gradients
-        ]
         # The method sees unscaled gradients; the optimizer unscales the
         # direction it returns.
-        scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        if scaled:
+        loss_scale = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             loss_scale = self.optimizer.scale_loss(ops.ones((), "float32"))
-            blocks = [block / loss_scale for block in blocks]
-        finite_losses = ops.where(ops.isfinite(task_losses), task_losses, 0.0)
-        presence = tasks.presence_argument(label_counts)
-        directions, coefficients = aggregate(
-            self.weighting, blocks, finite_losses, **presence
+        gradients, coefficients = aggregation.combine(
+            self.weighting,
+            task_gradients,
+            task_losses,
+            loss_scale,
+            aggregate,
+            **tasks.presence_argument(label_counts),
         )
-        gradients = []
-        for gradient, direction in zip(task_gradients, directions):
-            if scaled:
-                direction = direction * loss_scale
-            direction = ops.reshape(direction, ops.shape(gradient)[1:])
-            gradients.append(ops.cast(direction, gradient.dtype))
-        coefficients = ops.stop_gradient(coefficients)
         weights = ops.convert_to_tensor(self.task_weights) * coefficients
         head_weights = (
             coefficients

@@ -38,6 +38,46 @@ def _select(condition, new_values, old_values):
     return [jnp.where(condition, new, old) for new, old in zip(new_values, old_values)]
 
 
+def value_and_jacobian(function, variables, state=()):
+    """Runs `function` and differentiates each entry of the vector it returns.
+
+    The variables are read through a `keras.StatelessScope`, so this runs
+    eagerly (outside `jax.jit`), as stateful Keras code does on JAX.
+
+    Args:
+        function: Takes nothing and returns `(vector, aux)`, a `(T,)` tensor
+            and anything else.
+        variables: The variables to differentiate with respect to.
+        state: Variables that `function` may assign: their new values are
+            assigned after it ran.
+
+    Returns:
+        `(vector, aux, rows)`: `rows[i]` is the `(T, ...)` Jacobian of the
+        vector with respect to `variables[i]`.
+    """
+    state = list(state)
+
+    def run(values):
+        mapping = list(zip(variables, values)) + [(v, v.value) for v in state]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            vector, aux = function()
+        return vector, (aux, [scope.get_current_value(v) for v in state])
+
+    vector, pullback, (aux, new_state) = jax.vjp(
+        run, [v.value for v in variables], has_aux=True
+    )
+    (rows,) = jax.vmap(pullback)(jnp.eye(vector.shape[0], dtype=vector.dtype))
+    for variable, value in zip(state, new_state):
+        variable.assign(value)
+    return vector, aux, list(rows)
+
+
+def run_if(condition, function):
+    """Runs `function()` if the scalar boolean `condition` is true (eagerly)."""
+    if bool(condition):
+        function()
+
+
 class JAXTrainer:
     """`train_step` and `test_step` for the JAX backend.
 

@@ -53,6 +53,41 @@ def _gather_samples(context, task_gradients):
     return gathered, start, size
 
 
+def value_and_jacobian(function, variables, state=()):
+    """Runs `function` and differentiates each entry of the vector it returns.
+
+    Args:
+        function: Takes nothing and returns `(vector, aux)`, a `(T,)` tensor
+            and anything else.
+        variables: The variables to differentiate with respect to.
+        state: Variables that `function` may assign (kept as assigned).
+
+    Returns:
+        `(vector, aux, rows)`: `rows[i]` is the `(T, ...)` Jacobian of the
+        vector with respect to `variables[i]`.
+    """
+    del state
+    with tf.GradientTape(persistent=True) as tape:
+        vector, aux = function()
+        # Sliced under the tape, so that each slice has a recorded path.
+        entries = tf.unstack(vector)
+    rows = [
+        _zeros_for_none(tape.gradient(entry, variables), variables) for entry in entries
+    ]
+    del tape
+    return vector, aux, [tf.stack(per_entry) for per_entry in zip(*rows)]
+
+
+def run_if(condition, function):
+    """Runs `function()` if the scalar boolean tensor `condition` is true."""
+
+    def run():
+        function()
+        return tf.constant(True)
+
+    tf.cond(condition, run, lambda: tf.constant(False))
+
+
 class TensorFlowTrainer(StatefulTrainer):
     """`train_step` for the TensorFlow backend, under `tf.function` and XLA.
 

@@ -24,6 +24,38 @@ def _gradients(target, sources, **kwargs):
     return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
 
 
+def value_and_jacobian(function, variables, state=()):
+    """Runs `function` and differentiates each entry of the vector it returns.
+
+    Args:
+        function: Takes nothing and returns `(vector, aux)`, a `(T,)` tensor
+            and anything else.
+        variables: The variables to differentiate with respect to.
+        state: Variables that `function` may assign (kept as assigned).
+
+    Returns:
+        `(vector, aux, rows)`: `rows[i]` is the `(T, ...)` Jacobian of the
+        vector with respect to `variables[i]`.
+    """
+    del state
+    vector, aux = function()
+    values = [v.value for v in variables]
+    rows = [
+        torch.empty((len(vector), *v.shape), dtype=v.dtype, device=v.device)
+        for v in values
+    ]
+    for index, entry in enumerate(vector):
+        for row, gradient in zip(rows, _gradients(entry, values)):
+            row[index] = gradient
+    return vector.detach(), aux, rows
+
+
+def run_if(condition, function):
+    """Runs `function()` if the scalar boolean tensor `condition` is true."""
+    if bool(condition):
+        function()
+
+
 def _aggregate_over_processes(method, blocks, losses, **presence):
     """`aggregate_blocks` for each process's own task gradients.
 

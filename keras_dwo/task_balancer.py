@@ -1,0 +1,220 @@
+"""TaskBalancer: dynamic loss weighting inside a custom training step or loop."""
+
+import keras
+from keras import ops
+
+from keras_dwo import aggregation
+from keras_dwo import tasks
+from keras_dwo import trainers
+from keras_dwo import weighting as weighting_module
+from keras_dwo.model import DynamicWeightedModel
+from keras_dwo.task_weights import validated_task_weights
+
+
+@keras.saving.register_keras_serializable(package="keras_dwo")
+class TaskBalancer(keras.layers.Layer):
+    """Balances task losses computed in your own training step.
+
+    `DynamicWeightedModel` balances the losses of its outputs inside `fit`.
+    Where the losses live in a step you write yourself (a GAN's generator
+    balancing its adversarial term against a reconstruction term, a
+    detector's custom step), a `TaskBalancer` takes a function that returns
+    the task losses and trains the variables you give it on their balanced
+    combination, with any method:
+
+    - a loss-level method (uncertainty, RLW, FAMO...) weights the losses,
+      and one backward pass gives the gradients of the variables and of the
+      method's own learned weights;
+    - a gradient-level method (UPGrad, MGDA, PCGrad...) combines the
+      per-task gradients of every variable given into one direction, with
+      the same combination code as `DynamicWeightedModel`.
+
+    As in `fit`, a step is applied only if the task losses, the gradients
+    and the method's new state are finite; otherwise the variables, the
+    optimizer and the method keep their values and `applied` is false in
+    the returned logs. The balancer is a layer: set it as an attribute of
+    your model and its state (task weights, the method's variables) is
+    saved and loaded with the model.
+
+    Per-task gradients come from `keras_dwo.trainers.value_and_jacobian`,
+    one implementation per backend. It runs inside `tf.function` on
+    TensorFlow and eagerly on torch; on JAX it runs eagerly (the variables
+    are read through a `keras.StatelessScope`), so a JAX step that calls it
+    is not `jax.jit`-compiled.
+
+    Args:
+        weighting: The method: an identifier, a serialized method or an
+            instance, as for `DynamicWeightedModel`.
+        task_names: The names of the tasks, in the order of the losses.
+        loss_weights: Optional initial `task_weights`: a dict keyed by task
+            name or a list in task order.
+        **kwargs: Passed to `keras.layers.Layer`.
+
+    Example:
+
+    ```python
+    balancer = keras_dwo.TaskBalancer("upgrad", ["adversarial", "l1"])
+
+    def generator_losses():
+        fake = generator(noise)
+        return {
+            "adversarial": bce(ones, discriminator(fake)),
+            "l1": mae(real, fake),
+        }
+
+    logs = balancer.apply(g_optimizer, generator_losses,
+                          generator.trainable_variables)
+    logs["adversarial_weight"], logs["applied"]
+    ```
+    """
+
+    def __init__(self, weighting, task_names, loss_weights=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.task_names = tasks.checked_task_names(task_names)
+        method = weighting_module.get(weighting)
+        if method.task_names is not None:
+            raise ValueError(
+                f"The weighting {method.name!r} already serves the tasks "
+                f"{method.task_names}; give each balancer its own instance."
+            )
+        method.build(self.task_names)
+        self.method = method
+        initial = [1.0] * len(self.task_names)
+        if loss_weights is not None:
+            initial = validated_task_weights(
+                tasks.by_name(
+                    loss_weights, self.task_names, "loss weight", kind="task"
+                ),
+                self.task_names,
+            )
+        self.task_weights = self.add_weight(
+            shape=(len(self.task_names),),
+            initializer=keras.initializers.Constant(initial),
+            trainable=False,
+            name="task_weights",
+        )
+        self.built = True
+
+    def task_losses(self, losses):
+        """Returns a dict, sequence or vector of task losses as a `(T,)` vector."""
+        if isinstance(losses, (dict, list, tuple)):
+            values = tasks.by_name(losses, self.task_names, "loss", kind="task")
+            return ops.stack([ops.cast(ops.sum(value), "float32") for value in values])
+        losses = ops.cast(losses, "float32")
+        if tuple(losses.shape) != (len(self.task_names),):
+            raise ValueError(
+                f"Expected one loss per task {self.task_names}; received a "
+                f"tensor of shape {tuple(losses.shape)}."
+            )
+        return losses
+
+    def objective(self, task_losses, training=True, present=None):
+        """Returns `(objective, weights)` of a loss-level method's weighting.
+
+        Args:
+            task_losses: The task losses, as for `task_losses`.
+            training: Whether the method may update its state.
+            present: None, or the `(T,)` 0/1 mask of the tasks with labels.
+
+        Returns:
+            The scalar objective and its derivative with respect to each
+            unweighted task loss (the effective weights).
+        """
+        task_weights = ops.convert_to_tensor(self.task_weights)
+        presence = {} if present is None else {"present": present}
+        objective, weights = self.method.call(
+            task_weights * self.task_losses(task_losses), training=training, **presence
+        )
+        return objective, task_weights * weights
+
+    def apply(self, optimizer, loss_fn, variables):
+        """Takes one balanced step of `variables` on the losses of `loss_fn`.
+
+        Args:
+            optimizer: The `keras.optimizers.Optimizer` of these variables
+                (with a loss-level method that learns weights, it also
+                trains the method's variables: give the balancer its own
+                optimizer or one that only this call uses).
+            loss_fn: Takes nothing and returns the task losses, computed
+                from the current variables: a dict keyed by task name, a
+                list in task order or a `(T,)` tensor.
+            variables: The trainable variables to train.
+
+        Returns:
+            A dict of scalars: `loss` (the objective), `<task>_loss`,
+            `<task>_weight` and `applied` (whether the step was finite and
+            applied).
+        """
+        method = self.method
+        variables = list(variables)
+        task_weights = ops.convert_to_tensor(self.task_weights)
+        state = list(method.non_trainable_variables)
+        previous = [ops.copy(v.value) for v in state]
+        if method.needs_task_gradients:
+
+            def weighted_losses():
+                losses = self.task_losses(loss_fn())
+                return task_weights * losses, losses
+
+            _, losses, rows = trainers.value_and_jacobian(weighted_losses, variables)
+            losses = ops.stop_gradient(losses)
+            gradients, coefficients = aggregation.combine(method, rows, losses)
+            objective = ops.sum(task_weights * losses)
+            weights = task_weights * coefficients
+            trained = variables
+        else:
+
+            def weighted_objective():
+                losses = self.task_losses(loss_fn())
+                objective, weights = self.objective(losses)
+                return ops.reshape(objective, (1,)), (losses, weights)
+
+            trained = variables + list(method.trainable_variables)
+            objective, (losses, weights), rows = trainers.value_and_jacobian(
+                weighted_objective, trained, state
+            )
+            objective = ops.stop_gradient(objective[0])
+            losses = ops.stop_gradient(losses)
+            gradients = [row[0] for row in rows]
+        finite = ops.logical_and(
+            ops.all(task_weights >= 0),
+            DynamicWeightedModel.values_are_finite(
+                [losses, objective, *gradients, *[v.value for v in state]]
+            ),
+        )
+        trainers.run_if(finite, lambda: optimizer.apply(gradients, trained))
+        keep_state = finite
+        if method.updates_after_step:
+
+            def update():
+                after = ops.stop_gradient(self.task_losses(loss_fn()))
+                method.update(task_weights * losses, task_weights * after)
+
+            trainers.run_if(finite, update)
+            keep_state = ops.logical_and(
+                finite, DynamicWeightedModel.values_are_finite([v.value for v in state])
+            )
+        for variable, value in zip(state, previous):
+            variable.assign(ops.where(keep_state, variable.value, value))
+        logs = {"loss": objective}
+        for index, name in enumerate(self.task_names):
+            logs[f"{name}_loss"] = losses[index]
+            logs[f"{name}_weight"] = ops.stop_gradient(weights[index])
+        logs["applied"] = finite
+        return logs
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("trainable", None)
+        return {
+            **config,
+            "weighting": keras.saving.serialize_keras_object(self.method),
+            "task_names": list(self.task_names),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        method = config.pop("weighting")
+        return cls(weighting_module.get(method), **config)

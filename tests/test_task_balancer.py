@@ -1,0 +1,147 @@
+"""TaskBalancer: the methods inside a step the user writes."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dwo
+
+from conftest import TWO_TASK_LOSSES
+from conftest import every_on_torch
+from conftest import replica_test_optimizer
+from conftest import to_numpy
+from conftest import two_task_data
+from conftest import two_task_model
+from conftest import variable_values
+
+LAYERS = ["trunk", "label", "value"]
+
+
+def task_loss_function(model, x, y):
+    label_loss = keras.losses.get(TWO_TASK_LOSSES["label"])
+    value_loss = keras.losses.get(TWO_TASK_LOSSES["value"])
+    label = keras.ops.convert_to_tensor(y["label"])
+    value = keras.ops.convert_to_tensor(y["value"])
+
+    def losses():
+        predictions = model(x, training=True)
+        return {
+            "label": keras.ops.mean(label_loss(label, predictions["label"])),
+            "value": keras.ops.mean(value_loss(value, predictions["value"])),
+        }
+
+    return losses
+
+
+@pytest.mark.parametrize(
+    "method", every_on_torch(["equal", "uncertainty", "famo", "upgrad", "mgda"])
+)
+def test_the_same_update_as_fit(method):
+    x, y = two_task_data(32)
+    # Every layer shared: fit combines every variable's task gradients, as
+    # the balancer does with the variables it is given.
+    model = two_task_model(method, shared=LAYERS)
+    layer_variables = [v for name in LAYERS for v in model.get_layer(name).weights]
+    initial = variable_values(layer_variables)
+    model.compile(optimizer=replica_test_optimizer(), loss=TWO_TASK_LOSSES)
+    history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    expected = variable_values(layer_variables)
+    expected_state = variable_values(model.weighting.variables)
+
+    for variable, value in zip(layer_variables, initial):
+        variable.assign(value)
+    balancer = keras_dwo.TaskBalancer(method, ["label", "value"])
+    optimizer = replica_test_optimizer()
+    losses = task_loss_function(model, x, y)
+    for _ in range(3):
+        logs = balancer.apply(optimizer, losses, layer_variables)
+        assert bool(to_numpy(logs["applied"]))
+    for got, want in zip(variable_values(layer_variables), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(variable_values(balancer.method.variables), expected_state):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(logs["value_weight"]), history.history["value_weight"][-1], 1e-5
+    )
+
+
+@pytest.mark.parametrize("method", every_on_torch(["uncertainty", "famo", "upgrad"]))
+def test_a_non_finite_step_changes_nothing(method):
+    x, y = two_task_data(32)
+    model = two_task_model()
+    variables = model.trainable_variables
+    balancer = keras_dwo.TaskBalancer(method, ["label", "value"])
+    optimizer = keras.optimizers.Adam(1e-2)
+    finite = task_loss_function(model, x, y)
+    balancer.apply(optimizer, finite, variables)
+    before = variable_values(variables + optimizer.variables + balancer.weights)
+
+    def poisoned():
+        losses = finite()
+        return {**losses, "value": losses["value"] * float("nan")}
+
+    logs = balancer.apply(optimizer, poisoned, variables)
+    assert not bool(to_numpy(logs["applied"]))
+    after = variable_values(variables + optimizer.variables + balancer.weights)
+    for got, want in zip(after, before):
+        np.testing.assert_array_equal(got, want)
+    assert bool(to_numpy(balancer.apply(optimizer, finite, variables)["applied"]))
+
+
+def test_state_saves_with_the_model_that_holds_it(tmp_path):
+    @keras.saving.register_keras_serializable(package="test_task_balancer")
+    class Holder(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(1)
+            self.balancer = keras_dwo.TaskBalancer("uncertainty", ["a", "b"])
+
+        def call(self, x):
+            return self.dense(x)
+
+    x = np.ones((4, 3), "float32")
+    holder = Holder()
+    holder(x)
+    optimizer = keras.optimizers.SGD(0.1)
+
+    def losses():
+        prediction = holder.dense(x)
+        return [keras.ops.mean(prediction**2), keras.ops.mean(prediction**2) * 3.0]
+
+    holder.balancer.apply(optimizer, losses, holder.dense.trainable_variables)
+    learned = to_numpy(holder.balancer.method.uncertainty.log_variances)
+    assert np.all(learned != 0.0)
+    holder.save_weights(tmp_path / "holder.weights.h5")
+    restored = Holder()
+    restored(x)
+    restored.load_weights(tmp_path / "holder.weights.h5")
+    np.testing.assert_array_equal(
+        to_numpy(restored.balancer.method.uncertainty.log_variances), learned
+    )
+    config = keras.saving.serialize_keras_object(holder.balancer)
+    clone = keras.saving.deserialize_keras_object(config)
+    assert clone.task_names == ("a", "b")
+    assert type(clone.method) is type(holder.balancer.method)
+
+
+def test_loss_weights_scale_the_tasks():
+    balancer = keras_dwo.TaskBalancer("equal", ["a", "b"], loss_weights=[2.0, 0.5])
+    objective, weights = balancer.objective({"a": 1.0, "b": 4.0})
+    np.testing.assert_allclose(to_numpy(objective), 4.0)
+    np.testing.assert_allclose(to_numpy(weights), [2.0, 0.5])
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="at least two tasks"):
+        keras_dwo.TaskBalancer("equal", ["only"])
+    balancer = keras_dwo.TaskBalancer("equal", ["a", "b"])
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['c'\]"):
+        balancer.objective({"a": 1.0, "b": 1.0, "c": 1.0})
+    with pytest.raises(ValueError, match=r"No loss for task\(s\) \['b'\]"):
+        balancer.objective({"a": 1.0})
+    with pytest.raises(ValueError, match="shape"):
+        balancer.objective(keras.ops.ones((3,)))
+    method = keras_dwo.weighting.get("famo")
+    keras_dwo.TaskBalancer(method, ["a", "b"])
+    with pytest.raises(ValueError, match="its own instance"):
+        keras_dwo.TaskBalancer(method, ["a", "b"])
