@@ -6,6 +6,7 @@ import pytest
 
 import keras_dwo
 
+from conftest import BACKEND
 from conftest import TWO_TASK_LOSSES
 from conftest import every_on_torch
 from conftest import replica_test_optimizer
@@ -145,3 +146,50 @@ def test_bad_input_is_named():
     keras_dwo.TaskBalancer(method, ["a", "b"])
     with pytest.raises(ValueError, match="its own instance"):
         keras_dwo.TaskBalancer(method, ["a", "b"])
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax",
+    reason="Keras's JAX train_step takes and returns the model's state, so a "
+    "step that assigns variables cannot run in it; on JAX the balancer runs "
+    "in a loop of one's own (examples/gan.py)",
+)
+def test_inside_an_overridden_train_step_compiled_as_eager():
+    class Balanced(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.trunk = keras.layers.Dense(8, activation="relu")
+            self.heads = keras.layers.Dense(2)
+            self.balancer = keras_dwo.TaskBalancer("upgrad", ["first", "second"])
+
+        def call(self, x):
+            return self.heads(self.trunk(x))
+
+        def train_step(self, data):
+            x, y = data
+            variables = self.trunk.trainable_variables + self.heads.trainable_variables
+
+            def losses():
+                error = self(x, training=True) - y
+                return keras.ops.mean(error**2, axis=0)
+
+            return self.balancer.apply(self.optimizer, losses, variables)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = np.stack([x[:, 0], -x[:, 0] + x[:, 1]], axis=1).astype("float32")
+    trained = []
+    for run_eagerly in (False, True):
+        keras.utils.set_random_seed(0)
+        model = Balanced()
+        model(x)
+        model.compile(optimizer=keras.optimizers.SGD(0.05), run_eagerly=run_eagerly)
+        model.optimizer.build(
+            model.trunk.trainable_variables + model.heads.trainable_variables
+        )
+        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        assert history.history["applied"][-1] == 1.0
+        trained.append(variable_values(model.trainable_variables))
+    assert history.history["first_loss"][-1] < history.history["first_loss"][0]
+    for compiled, eager in zip(*trained):
+        np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
