@@ -5,6 +5,7 @@ from keras_dwo import layers
 from keras_dwo import tuning
 from keras_dwo import weighting
 from keras_dwo.model import DynamicWeightedModel
+from keras_dwo.plotting import plot_conflicts
 from keras_dwo.plotting import plot_weights
 from keras_dwo.task_balancer import TaskBalancer
 
@@ -15,6 +16,7 @@ __all__ = [
     "TaskBalancer",
     "callbacks",
     "layers",
+    "plot_conflicts",
     "plot_weights",
     "tuning",
     "weighting",

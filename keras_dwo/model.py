@@ -12,6 +12,7 @@ from keras.src.trainers.data_adapters import get_data_adapter
 from keras_dwo import aggregation
 from keras_dwo import gradient_plan as plans
 from keras_dwo import tasks
+from keras_dwo import trainers
 from keras_dwo import weighting as weighting_module
 from keras_dwo.task_tracker import TaskTracker
 from keras_dwo.task_weights import validated_task_weights
@@ -664,15 +665,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         """
         if self._gradient_plan is not None:
             return self._gradient_plan
-        graph = self._graph
-        if isinstance(self, Functional):
-            graph = (
-                self._inputs_struct,
-                self._by_output(self._outputs_struct, "output"),
-            )
-        plan = plans.make_plan(
-            self, graph, self.weighting.wrt, self.shared, self.representation
-        )
+        plan = self._plan(self.weighting.wrt)
         if not plan.shared_indices:
             warnings.warn(
                 f"The tasks share no trainable variable (is the backbone "
@@ -685,6 +678,55 @@ class DynamicWeightedModel(Trainer, keras.Model):
             )
         self._gradient_plan = plan
         return plan
+
+    def _plan(self, wrt):
+        graph = self._graph
+        if isinstance(self, Functional):
+            graph = (
+                self._inputs_struct,
+                self._by_output(self._outputs_struct, "output"),
+            )
+        return plans.make_plan(self, graph, wrt, self.shared, self.representation)
+
+    def shared_variables(self):
+        """Returns the trainable variables that two or more tasks share.
+
+        Those of the layers that feed two or more outputs in the model's
+        graph, or of the layers named in `shared`.
+        """
+        plan = self._plan("parameters")
+        return [self.trainable_variables[i] for i in plan.shared_indices]
+
+    def task_gradients(self, x, y, sample_weight=None):
+        """Returns the gradients of each weighted task loss on a batch.
+
+        The gradients of `task_weights[i] * L_i` with respect to the shared
+        variables, computed as the training step computes them (by the
+        backend's code in `keras_dwo.trainers`), with the layers in
+        inference mode.
+
+        Args:
+            x: A batch of inputs.
+            y: Its targets, as for `fit`.
+            sample_weight: Optional sample weights, as for `fit`.
+
+        Returns:
+            `(task_losses, gradients)`: the `(T,)` unweighted task losses and
+            one `(T, ...)` tensor per shared variable.
+        """
+        self._prepare(x, y, sample_weight, training=False)
+        self.sync_variables()
+        task_weights = ops.convert_to_tensor(self.task_weights)
+
+        def weighted_losses():
+            y_pred = self(x, training=False)
+            losses = self.compute_task_losses(y, y_pred, sample_weight)
+            return task_weights * losses, losses
+
+        _, losses, gradients = trainers.value_and_jacobian(
+            weighted_losses, self.shared_variables()
+        )
+        return ops.stop_gradient(losses), gradients
 
     def uses_task_gradients(self):
         """Whether the step combines per-task gradients of shared variables."""

@@ -1,4 +1,4 @@
-"""Plots of the task weights and losses that `fit` logged."""
+"""Plots of what `fit` logged: task weights and losses, gradient conflicts."""
 
 
 def _history_dict(history):
@@ -17,7 +17,7 @@ def _matplotlib():
         from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise ImportError(
-            "plot_weights needs matplotlib: `pip install keras-dwo[plot]`."
+            "keras-dwo's plots need matplotlib: `pip install keras-dwo[plot]`."
         ) from error
     return Figure, MaxNLocator
 
@@ -110,4 +110,72 @@ def plot_weights(history, tasks=None, figure=None):
     for axes in (weights_axes, losses_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend()
+    return figure
+
+
+def plot_conflicts(history, figure=None):
+    """Draws the gradient conflicts that `callbacks.GradientConflict` logged.
+
+    The left panel is a heat map of each pair of tasks' cosine similarity
+    over the epochs (blue: they agree, red: they conflict); the right one
+    shows each task's `<task>_gradient_ratio`, its gradient norm over the
+    tasks' mean. Needs matplotlib (`pip install keras-dwo[plot]`).
+
+    Args:
+        history: The `keras.callbacks.History` returned by `fit`, or its
+            `.history` dict.
+        figure: Optional `matplotlib.figure.Figure` to draw on; by default a
+            new one.
+
+    Returns:
+        The `matplotlib.figure.Figure`, with the heat map's and the ratios'
+        axes in `figure.axes`.
+
+    Example:
+
+    ```python
+    conflict = keras_dwo.callbacks.GradientConflict(x_probe, y_probe)
+    history = model.fit(x, y, epochs=20, callbacks=[conflict])
+    keras_dwo.plot_conflicts(history).savefig("conflicts.png")
+    ```
+    """
+    logs = _history_dict(history)
+    pairs = [key for key in logs if key.startswith("cosine_")]
+    ratios = [key for key in logs if key.endswith("_gradient_ratio")]
+    if not pairs:
+        raise ValueError(
+            "The history has no `cosine_<a>_<b>` log; fit with the callback "
+            f"keras_dwo.callbacks.GradientConflict. Its keys are {sorted(logs)}."
+        )
+    Figure, MaxNLocator = _matplotlib()
+    if figure is None:
+        figure = Figure(figsize=(10, 1.5 + 0.5 * len(pairs)), layout="constrained")
+    cosine_axes, ratio_axes = figure.subplots(1, 2)
+    cosines = [logs[key] for key in pairs]
+    epochs = len(cosines[0])
+    image = cosine_axes.imshow(
+        cosines,
+        aspect="auto",
+        cmap="RdBu",
+        vmin=-1.0,
+        vmax=1.0,
+        extent=(0.5, epochs + 0.5, len(pairs) - 0.5, -0.5),
+    )
+    cosine_axes.set_yticks(range(len(pairs)))
+    cosine_axes.set_yticklabels([key[len("cosine_") :] for key in pairs])
+    cosine_axes.set(title="cosine of task gradients", xlabel="epoch")
+    figure.colorbar(image, ax=cosine_axes)
+    for index, key in enumerate(ratios):
+        values = logs[key]
+        ratio_axes.plot(
+            range(1, len(values) + 1),
+            values,
+            color=f"C{index % 10}",
+            label=key[: -len("_gradient_ratio")],
+        )
+    ratio_axes.axhline(1.0, color="grey", linewidth=0.8)
+    ratio_axes.set(title="gradient norm / mean", xlabel="epoch", ylabel="ratio")
+    for axes in (cosine_axes, ratio_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ratio_axes.legend()
     return figure

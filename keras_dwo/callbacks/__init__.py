@@ -1,6 +1,7 @@
-"""Callbacks that set `model.task_weights` during training."""
+"""Callbacks that set `model.task_weights` or watch the tasks during training."""
 
 from keras_dwo.callbacks.dynamic_weight_average import DynamicWeightAverage
+from keras_dwo.callbacks.gradient_conflict import GradientConflict
 from keras_dwo.callbacks.loss_weight_scheduler import LossWeightScheduler
 
-__all__ = ["DynamicWeightAverage", "LossWeightScheduler"]
+__all__ = ["DynamicWeightAverage", "GradientConflict", "LossWeightScheduler"]

@@ -93,6 +93,14 @@ class JAXTrainer:
         """Creates the optimizer's variables for the trainable variables."""
         self.optimizer.build(self.trainable_variables)
 
+    def sync_variables(self):
+        """Makes the variables hold the training state.
+
+        Within an epoch, Keras keeps the state of the last step apart from
+        the variables; a callback that reads them mid-epoch syncs it.
+        """
+        self.jax_state_sync()
+
     def _state_variables(self):
         variables = [*self.trainable_variables, *self.non_trainable_variables]
         if getattr(self, "optimizer", None) is not None:

@@ -61,6 +61,9 @@ class StatefulTrainer:
         del x
         return task_losses, label_counts, 1
 
+    def sync_variables(self):
+        """Makes the variables hold the training state (they always do here)."""
+
     def build_optimizer(self):
         """Creates the optimizer's variables for the trainable variables."""
         self.optimizer.build(self.trainable_variables)
