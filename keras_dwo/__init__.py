@@ -4,6 +4,7 @@ from keras_dwo import callbacks
 from keras_dwo import layers
 from keras_dwo import tuning
 from keras_dwo import weighting
+from keras_dwo.comparison import compare
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.plotting import plot_conflicts
 from keras_dwo.plotting import plot_weights
@@ -15,6 +16,7 @@ __all__ = [
     "DynamicWeightedModel",
     "TaskBalancer",
     "callbacks",
+    "compare",
     "layers",
     "plot_conflicts",
     "plot_weights",
