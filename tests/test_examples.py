@@ -5,7 +5,7 @@ tested on every backend elsewhere. Each example takes from 10 to 40 seconds
 in quick mode, so to keep the test run short every example runs on one
 backend. The reproductions run on the default backend, TensorFlow, whose
 test run then takes one example, transfer.py; torch, the fastest here, takes
-six.
+seven.
 """
 
 import os
@@ -35,6 +35,7 @@ BACKEND_OF_EXAMPLE = {
     "horizons.py": "torch",
     "transfer.py": "tensorflow",
     "gan.py": "torch",
+    "which_method.py": "torch",
 }
 
 
