@@ -715,6 +715,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
             one `(T, ...)` tensor per shared variable.
         """
         self._prepare(x, y, sample_weight, training=False)
+        if self._graph is None and not isinstance(self, Functional):
+            # A subclassed model's shared layers are read from its traced call.
+            self._discover_tasks(x)
         self.sync_variables()
         task_weights = ops.convert_to_tensor(self.task_weights)
 

@@ -125,3 +125,29 @@ def test_plot_conflicts_draws_the_pairs_and_ratios():
 def test_every_must_be_positive():
     with pytest.raises(ValueError, match="`every`"):
         keras_dwo.callbacks.GradientConflict(np.ones((2, 6)), None, every=0)
+
+
+def test_a_subclassed_model_measures_its_traced_shared_layers():
+    class Heads(keras_dwo.DynamicWeightedModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.trunk = keras.layers.Dense(8, activation="relu")
+            self.label = keras.layers.Dense(3, activation="softmax")
+            self.value = keras.layers.Dense(1)
+
+        def call(self, x):
+            hidden = self.trunk(x)
+            return {"label": self.label(hidden), "value": self.value(hidden)}
+
+    x, y = two_task_data(32)
+    model = Heads()
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    conflict = keras_dwo.callbacks.GradientConflict(x, y)
+    history = model.fit(x, y, epochs=1, verbose=0, callbacks=[conflict])
+    assert [v.path for v in model.shared_variables()] == [
+        v.path for v in model.trunk.weights
+    ]
+    _, gradients = model.task_gradients(x, y)
+    jacobian = flat_rows(gradients)
+    cosine = jacobian[0] @ jacobian[1] / np.prod(np.linalg.norm(jacobian, axis=1))
+    np.testing.assert_allclose(history.history["cosine_label_value"][-1], cosine, 1e-5)
