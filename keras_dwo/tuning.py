@@ -92,7 +92,10 @@ def static_weights_hypermodel(build_model, compile_kwargs, resolution=None):
             "`compile_kwargs` must not contain `loss_weights`: they are the "
             "hyperparameters the tuner searches."
         )
-    task_names = build_model().task_names
+    # Loss terms make tasks of their own: the compiled model names them.
+    probe = build_model()
+    probe.compile(loss=compile_kwargs.get("loss"))
+    task_names = probe.task_names
     grid = None if resolution is None else simplex_grid(len(task_names), resolution)
 
     class StaticWeights(keras_tuner.HyperModel):

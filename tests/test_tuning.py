@@ -85,6 +85,21 @@ def test_logit_weights_for_bayesian_search_sum_to_the_task_count():
     assert model.task_names == ("label", "value")
 
 
+def test_loss_terms_are_tuned_as_tasks():
+    terms = {**TWO_TASK_LOSSES, "value": ["mse", "mae"]}
+    hypermodel = tuning.static_weights_hypermodel(
+        two_task_model, {"optimizer": "adam", "loss": terms}
+    )
+    hp = keras_tuner.HyperParameters()
+    for task, logit in (("label", 0.0), ("value_mse", 1.0), ("value_mae", -1.0)):
+        hp.Fixed(f"logit_{task}", logit)
+    model = hypermodel.build(hp)
+    assert model.task_names == ("label", "value_mse", "value_mae")
+    logits = np.array([0.0, 1.0, -1.0])
+    expected = 3 * np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(to_numpy(model.task_weights), expected, rtol=1e-6)
+
+
 def test_loss_weights_in_the_compile_arguments_are_refused():
     with pytest.raises(ValueError, match="must not contain `loss_weights`"):
         tuning.static_weights_hypermodel(
