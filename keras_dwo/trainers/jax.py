@@ -25,12 +25,21 @@ class _Forward(NamedTuple):
 UNROLLED_MAX_TASKS = 8
 
 
-def _pull_back_each_task(pullback, num_tasks):
-    """Pulls each task loss back on its own; returns the results stacked."""
+def _with_regularization(row):
+    # The model's forward pass returns the task losses and the regularization.
+    return (row, jnp.zeros(()))
+
+
+def _pull_back_each_task(pullback, num_tasks, cotangent=_with_regularization):
+    """Pulls each task loss back on its own; returns the results stacked.
+
+    `cotangent(row)` is the cotangent of the function's outputs that selects
+    one task loss.
+    """
     rows = jnp.eye(num_tasks)
     if num_tasks > UNROLLED_MAX_TASKS:
-        return jax.vmap(lambda row: pullback((row, jnp.zeros(()))))(rows)
-    pulled = [pullback((row, jnp.zeros(()))) for row in rows]
+        return jax.vmap(lambda row: pullback(cotangent(row)))(rows)
+    pulled = [pullback(cotangent(row)) for row in rows]
     return jax.tree.map(lambda *per_task: jnp.stack(per_task), *pulled)
 
 
@@ -66,7 +75,7 @@ def value_and_jacobian(function, variables, state=()):
     vector, pullback, (aux, new_state) = jax.vjp(
         run, [v.value for v in variables], has_aux=True
     )
-    (rows,) = jax.vmap(pullback)(jnp.eye(vector.shape[0], dtype=vector.dtype))
+    (rows,) = _pull_back_each_task(pullback, vector.shape[0], lambda row: row)
     for variable, value in zip(state, new_state):
         variable.assign(value)
     return vector, aux, list(rows)

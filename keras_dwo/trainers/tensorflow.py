@@ -71,11 +71,17 @@ def value_and_jacobian(function, variables, state=()):
         vector, aux = function()
         # Sliced under the tape, so that each slice has a recorded path.
         entries = tf.unstack(vector)
-    rows = [
-        _zeros_for_none(tape.gradient(entry, variables), variables) for entry in entries
-    ]
+    rows = _jacobian(tape, entries, variables)
     del tape
-    return vector, aux, [tf.stack(per_entry) for per_entry in zip(*rows)]
+    return vector, aux, rows
+
+
+def _jacobian(tape, entries, sources):
+    """One `(T, ...)` tensor per source: the gradients of each entry."""
+    rows = [
+        _zeros_for_none(tape.gradient(entry, sources), sources) for entry in entries
+    ]
+    return [tf.stack(per_entry) for per_entry in zip(*rows)]
 
 
 def run_if(condition, function):
@@ -221,11 +227,7 @@ class TensorFlowTrainer(StatefulTrainer):
             if regularization is not None:
                 regularization = self.optimizer.scale_loss(regularization)
         sources = shared if plan.trunk is None else representation
-        rows = [
-            _zeros_for_none(tape.gradient(task_loss, sources), sources)
-            for task_loss in per_task_losses
-        ]
-        task_gradients = [tf.stack(per_task) for per_task in zip(*rows)]
+        task_gradients = _jacobian(tape, per_task_losses, sources)
         if replicas > 1 and plan.trunk is None:
             task_gradients = context.all_reduce(
                 tf.distribute.ReduceOp.SUM, task_gradients

@@ -39,15 +39,22 @@ def value_and_jacobian(function, variables, state=()):
     """
     del state
     vector, aux = function()
-    values = [v.value for v in variables]
+    return vector.detach(), aux, _jacobian(vector, [v.value for v in variables])
+
+
+def _jacobian(vector, sources):
+    """One `(T, ...)` tensor per source: the gradients of each entry of `vector`.
+
+    Filled entry by entry: one entry's gradients at a time besides them.
+    """
     rows = [
-        torch.empty((len(vector), *v.shape), dtype=v.dtype, device=v.device)
-        for v in values
+        torch.empty((len(vector), *s.shape), dtype=s.dtype, device=s.device)
+        for s in sources
     ]
     for index, entry in enumerate(vector):
-        for row, gradient in zip(rows, _gradients(entry, values)):
+        for row, gradient in zip(rows, _gradients(entry, sources)):
             row[index] = gradient
-    return vector.detach(), aux, rows
+    return rows
 
 
 def run_if(condition, function):
@@ -185,14 +192,7 @@ class TorchTrainer(StatefulTrainer):
             self.task_weights.value * task_losses / processes
         )
         sources = shared if trunk_output is None else trunk_output
-        # Filled task by task: one task's gradients at a time besides them.
-        task_gradients = [
-            torch.empty((len(scaled_losses), *s.shape), dtype=s.dtype, device=s.device)
-            for s in sources
-        ]
-        for task, task_loss in enumerate(scaled_losses):
-            for rows, gradient in zip(task_gradients, _gradients(task_loss, sources)):
-                rows[task] = gradient
+        task_gradients = _jacobian(scaled_losses, sources)
         aggregate = aggregate_blocks
         if processes > 1 and trunk_output is None:
             if self.weighting.weights_from_gram:
