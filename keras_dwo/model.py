@@ -386,7 +386,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
                 `weighted_metrics`, `jit_compile`, `steps_per_execution`...).
         """
         if loss is None:
-            raise ValueError("`loss` is required: one loss per task, or one for all.")
+            raise ValueError("`loss` is required: one loss per output, or one for all.")
         if self.output_keys is None and isinstance(loss, dict):
             self._set_outputs(loss)
         if self.output_keys is not None:
