@@ -50,3 +50,24 @@ def test_task_weights_and_losses_are_tensorboard_scalars(tmp_path):
         np.testing.assert_allclose(
             validation[f"epoch_{task}_loss"], history[f"val_{task}_loss"], rtol=1e-6
         )
+
+
+def test_gradient_conflicts_are_tensorboard_scalars(tmp_path):
+    import keras_dwo
+
+    x, y = two_task_data()
+    model = two_task_model()
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    conflict = keras_dwo.callbacks.GradientConflict(
+        x[:32], {k: v[:32] for k, v in y.items()}
+    )
+    history = model.fit(
+        x,
+        y,
+        epochs=2,
+        callbacks=[conflict, keras.callbacks.TensorBoard(log_dir=str(tmp_path))],
+        verbose=0,
+    ).history
+    train = scalars(tmp_path / "train")
+    for key in ("cosine_label_value", "value_gradient_ratio", "conflicting_fraction"):
+        np.testing.assert_allclose(train[f"epoch_{key}"], history[key], rtol=1e-6)
