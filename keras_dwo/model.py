@@ -17,6 +17,7 @@ from keras_dwo import weighting as weighting_module
 from keras_dwo.task_tracker import TaskTracker
 from keras_dwo.task_weights import validated_task_weights
 from keras_dwo.trainers import Trainer
+from keras_dwo.weighting.base import check_unclaimed
 
 
 def _check_takes_presence(method):
@@ -30,14 +31,6 @@ def _check_takes_presence(method):
                 f"tasks have labels in a batch, but {type(method).__name__}."
                 f"{rule} takes no `present` argument."
             )
-
-
-def _check_unclaimed(method):
-    if method.task_names is not None:
-        raise ValueError(
-            f"The weighting {method.name!r} already serves the tasks "
-            f"{method.task_names}; give each model its own instance."
-        )
 
 
 def _first_batch(x, y, sample_weight):
@@ -219,7 +212,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
         if self.shared is not None and isinstance(self, Functional):
             plans.named_variables(self, self.shared)
         method = weighting_module.get(weighting)
-        _check_unclaimed(method)
+        check_unclaimed(method, "model")
         if self.missing_label is not None:
             _check_takes_presence(method)
         self.weighting = method
@@ -290,7 +283,7 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     def _build_task_state(self, task_names):
         """Creates the per-task state: task weights, method state and logs."""
-        _check_unclaimed(self.weighting)
+        check_unclaimed(self.weighting, "model")
         self.task_names = task_names
         self.weighting.build(task_names)
         num_tasks = len(task_names)

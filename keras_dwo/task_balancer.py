@@ -9,6 +9,7 @@ from keras_dwo import trainers
 from keras_dwo import weighting as weighting_module
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.task_weights import validated_task_weights
+from keras_dwo.weighting.base import check_unclaimed
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -73,11 +74,7 @@ class TaskBalancer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.task_names = tasks.checked_task_names(task_names)
         method = weighting_module.get(weighting)
-        if method.task_names is not None:
-            raise ValueError(
-                f"The weighting {method.name!r} already serves the tasks "
-                f"{method.task_names}; give each balancer its own instance."
-            )
+        check_unclaimed(method, "balancer")
         method.build(self.task_names)
         self.method = method
         initial = [1.0] * len(self.task_names)
@@ -205,16 +202,8 @@ class TaskBalancer(keras.layers.Layer):
         return logs
 
     def get_config(self):
-        config = super().get_config()
-        config.pop("trainable", None)
         return {
-            **config,
+            **super().get_config(),
             "weighting": keras.saving.serialize_keras_object(self.method),
             "task_names": list(self.task_names),
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        method = config.pop("weighting")
-        return cls(weighting_module.get(method), **config)

@@ -206,11 +206,11 @@ def output_sample_weights(sample_weight, output_names, dict_outputs=False):
 
 
 def labelled(targets, sample_weights, missing_label):
-    """Returns per task `(target, presence, count)` for partial labels.
+    """Returns per output `(target, presence, count)` for partial labels.
 
     Args:
-        targets: One target tensor per task.
-        sample_weights: One sample weight (or None) per task.
+        targets: One target tensor per output.
+        sample_weights: One sample weight (or None) per output.
         missing_label: The value that marks a missing label (may be NaN).
 
     Returns:

@@ -5,6 +5,7 @@ import csv
 import keras
 import numpy as np
 import pytest
+from subclassed import TwoHeads
 
 import keras_dwo
 
@@ -128,19 +129,8 @@ def test_every_must_be_positive():
 
 
 def test_a_subclassed_model_measures_its_traced_shared_layers():
-    class Heads(keras_dwo.DynamicWeightedModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.trunk = keras.layers.Dense(8, activation="relu")
-            self.label = keras.layers.Dense(3, activation="softmax")
-            self.value = keras.layers.Dense(1)
-
-        def call(self, x):
-            hidden = self.trunk(x)
-            return {"label": self.label(hidden), "value": self.value(hidden)}
-
     x, y = two_task_data(32)
-    model = Heads()
+    model = TwoHeads()
     model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
     conflict = keras_dwo.callbacks.GradientConflict(x, y)
     history = model.fit(x, y, epochs=1, verbose=0, callbacks=[conflict])

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from subclassed import TwoHeads
 
 import keras_dwo
 
@@ -161,19 +162,8 @@ def test_save_and_load_keep_the_terms_and_their_state(tmp_path):
 
 
 def test_subclassed_model_with_terms():
-    class Heads(keras_dwo.DynamicWeightedModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.trunk = keras.layers.Dense(8, activation="relu")
-            self.label = keras.layers.Dense(3, activation="softmax")
-            self.value = keras.layers.Dense(1)
-
-        def call(self, x):
-            hidden = self.trunk(x)
-            return {"label": self.label(hidden), "value": self.value(hidden)}
-
     x, y = two_task_data(32)
-    model = Heads(weighting="upgrad")
+    model = TwoHeads(weighting="upgrad")
     model.compile(optimizer="adam", loss=TERMS)
     history = model.fit(x, y, epochs=1, verbose=0).history
     assert model.task_names == TERM_TASKS

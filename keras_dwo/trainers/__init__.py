@@ -2,8 +2,19 @@
 
 Keras picks its own trainer for the backend at import time; so does this
 package. `Trainer` is a mixin that `DynamicWeightedModel` puts before
-`keras.Model`, replacing `train_step` and `test_step`; `value_and_jacobian`
-and `run_if` serve `keras_dwo.TaskBalancer` in custom training steps.
+`keras.Model`, replacing `train_step` and `test_step`.
+
+Two functions serve `keras_dwo.TaskBalancer` and
+`DynamicWeightedModel.task_gradients`, one implementation per backend:
+
+- `value_and_jacobian(function, variables, state=())` runs `function`, which
+  takes nothing and returns `(vector, aux)` (a `(T,)` tensor and anything
+  else), and returns `(vector, aux, rows)`, where `rows[i]` is the
+  `(T, ...)` Jacobian of the vector with respect to `variables[i]`.
+  `state` lists variables that `function` may assign; they keep the values
+  it assigned.
+- `run_if(condition, function)` runs `function()` if the scalar boolean
+  tensor `condition` is true.
 """
 
 import keras

@@ -48,21 +48,11 @@ def _select(condition, new_values, old_values):
 
 
 def value_and_jacobian(function, variables, state=()):
-    """Runs `function` and differentiates each entry of the vector it returns.
+    """`value_and_jacobian` (see `keras_dwo.trainers`) by one pullback per entry.
 
     The variables are read through a `keras.StatelessScope`, so this runs
-    eagerly (outside `jax.jit`), as stateful Keras code does on JAX.
-
-    Args:
-        function: Takes nothing and returns `(vector, aux)`, a `(T,)` tensor
-            and anything else.
-        variables: The variables to differentiate with respect to.
-        state: Variables that `function` may assign: their new values are
-            assigned after it ran.
-
-    Returns:
-        `(vector, aux, rows)`: `rows[i]` is the `(T, ...)` Jacobian of the
-        vector with respect to `variables[i]`.
+    eagerly (outside `jax.jit`), as stateful Keras code does on JAX; the new
+    values of `state` are assigned after `function` ran.
     """
     state = list(state)
 

@@ -25,18 +25,7 @@ def _gradients(target, sources, **kwargs):
 
 
 def value_and_jacobian(function, variables, state=()):
-    """Runs `function` and differentiates each entry of the vector it returns.
-
-    Args:
-        function: Takes nothing and returns `(vector, aux)`, a `(T,)` tensor
-            and anything else.
-        variables: The variables to differentiate with respect to.
-        state: Variables that `function` may assign (kept as assigned).
-
-    Returns:
-        `(vector, aux, rows)`: `rows[i]` is the `(T, ...)` Jacobian of the
-        vector with respect to `variables[i]`.
-    """
+    """`value_and_jacobian` (see `keras_dwo.trainers`) by one backward per entry."""
     del state
     vector, aux = function()
     return vector.detach(), aux, _jacobian(vector, [v.value for v in variables])

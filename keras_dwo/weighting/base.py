@@ -69,6 +69,15 @@ class LossWeighting(keras.layers.Layer):
         del losses_before, losses_after, present
 
 
+def check_unclaimed(method, owner):
+    """Raises if `method` already serves the tasks of another `owner`."""
+    if method.task_names is not None:
+        raise ValueError(
+            f"The weighting {method.name!r} already serves the tasks "
+            f"{method.task_names}; give each {owner} its own instance."
+        )
+
+
 def presence(present, losses):
     """Returns the float32 `(T,)` presence mask, all ones where `present` is None."""
     if present is None:
