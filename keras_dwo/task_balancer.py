@@ -38,10 +38,11 @@ class TaskBalancer(keras.layers.Layer):
     saved and loaded with the model.
 
     Per-task gradients come from `keras_dwo.trainers.value_and_jacobian`,
-    one implementation per backend. It runs inside `tf.function` on
-    TensorFlow and eagerly on torch; on JAX it runs eagerly (the variables
-    are read through a `keras.StatelessScope`), so a JAX step that calls it
-    is not `jax.jit`-compiled.
+    one implementation per backend. `apply` assigns variables: it runs
+    inside `tf.function` on TensorFlow, eagerly on torch, and eagerly on
+    JAX, where compiled code cannot assign. `stateless_apply` takes and
+    returns the values instead, for Keras's JAX `train_step` (compiled with
+    `jax.jit`) or any stateless step.
 
     Args:
         weighting: The method: an identifier, a serialized method or an
@@ -143,23 +144,134 @@ class TaskBalancer(keras.layers.Layer):
             `<task>_weight` and `applied` (whether the step was finite and
             applied).
         """
-        method = self.method
+        return self._step(optimizer, loss_fn, list(variables), trainers.run_if)
+
+    def stateless_apply(self, optimizer, loss_fn, variables, state_mapping):
+        """`apply` on values given and returned, for a stateless step.
+
+        Keras's JAX `train_step` takes the model's state as arrays and
+        returns the new state; it cannot assign variables. There, the step
+        runs in a `keras.StatelessScope` over `state_mapping`, inside the
+        compiled step: `loss_fn` reads the variables as in `apply` (call
+        your layers as usual) and sees the mapped values. JAX and torch
+        only: Keras's TensorFlow optimizers have no stateless update (their
+        own `stateless_apply` raises too); there `apply` compiles.
+
+        Args:
+            optimizer: As for `apply`; it must be built, for `variables`
+                (and the method's trainable variables, if it learns
+                weights).
+            loss_fn: As for `apply`.
+            variables: As for `apply`.
+            state_mapping: `(variable, value)` pairs, as for
+                `keras.StatelessScope`: every variable `loss_fn` reads, the
+                optimizer's variables and the balancer's own.
+
+        Returns:
+            `(logs, values)`: the logs of `apply` and the new value of each
+            variable of `state_mapping`, in its order. Where `applied` is
+            false, the trained variables, the optimizer's and the
+            balancer's keep the values given.
+
+        Example:
+
+        ```python
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer_values, metrics = state
+            x, y = data
+            mapping = [
+                *zip(self.trainable_variables, trainable),
+                *zip(self.non_trainable_variables, non_trainable),
+                *zip(self.optimizer.variables, optimizer_values),
+            ]
+
+            def losses():
+                return keras.ops.mean((self(x, training=True) - y) ** 2, axis=0)
+
+            logs, values = self.balancer.stateless_apply(
+                self.optimizer, losses, self.network.trainable_variables, mapping
+            )
+            trainable_count = len(trainable)
+            count = trainable_count + len(non_trainable)
+            state = (
+                values[:trainable_count],
+                values[trainable_count:count],
+                values[count:],
+                metrics,
+            )
+            return logs, state
+        ```
+        """
+        if not trainers.STATELESS_OPTIMIZERS:
+            raise ValueError(
+                "`stateless_apply` is not available on the TensorFlow backend: "
+                "Keras's TensorFlow optimizers have no stateless update. Call "
+                "`apply` in your `train_step`; it is compiled with it."
+            )
         variables = list(variables)
+        state_mapping = list(state_mapping)
+        if not optimizer.built:
+            raise ValueError(
+                "`stateless_apply` needs a built optimizer: call "
+                "`optimizer.build(variables)` first."
+            )
+        trained = self._trained_variables(variables)
+        mapped = {id(variable) for variable, _ in state_mapping}
+        missing = [
+            variable.path
+            for variable in [*trained, *optimizer.variables, *self.variables]
+            if id(variable) not in mapped
+        ]
+        if missing:
+            raise ValueError(
+                f"`state_mapping` has no value for the variable(s) {missing}; "
+                "map the trained variables, the optimizer's and the "
+                "balancer's."
+            )
+        guarded = {id(variable) for variable in [*trained, *optimizer.variables]}
+        # Keras's torch optimizers update values in place, even in a
+        # stateless scope: the step updates copies of the values given.
+        scoped = [
+            (variable, ops.copy(value) if id(variable) in guarded else value)
+            for variable, value in state_mapping
+        ]
+        with keras.StatelessScope(state_mapping=scoped) as scope:
+            logs = self._step(optimizer, loss_fn, variables, _always)
+        applied = logs["applied"]
+        values = []
+        for variable, value in state_mapping:
+            new_value = scope.get_current_value(variable)
+            if id(variable) in guarded:
+                new_value = ops.where(applied, new_value, value)
+            values.append(new_value)
+        return logs, values
+
+    def _trained_variables(self, variables):
+        """The variables an optimizer step changes: these and the method's."""
+        if self.method.needs_task_gradients:
+            return variables
+        given = {id(variable) for variable in variables}
+        learned = [v for v in self.method.trainable_variables if id(v) not in given]
+        return variables + learned
+
+    def _step(self, optimizer, loss_fn, variables, run_if):
+        """The step of `apply`; `run_if(condition, function)` guards its updates."""
+        method = self.method
         task_weights = ops.convert_to_tensor(self.task_weights)
         state = list(method.non_trainable_variables)
         previous = [ops.copy(v.value) for v in state]
+        trained = self._trained_variables(variables)
         if method.needs_task_gradients:
 
             def weighted_losses():
                 losses = self.task_losses(loss_fn())
                 return task_weights * losses, losses
 
-            _, losses, rows = trainers.value_and_jacobian(weighted_losses, variables)
+            _, losses, rows = trainers.value_and_jacobian(weighted_losses, trained)
             losses = ops.stop_gradient(losses)
             gradients, coefficients = aggregation.combine(method, rows, losses)
             objective = ops.sum(task_weights * losses)
             weights = task_weights * coefficients
-            trained = variables
         else:
 
             def weighted_objective():
@@ -167,7 +279,6 @@ class TaskBalancer(keras.layers.Layer):
                 objective, weights = self.objective(losses)
                 return ops.reshape(objective, (1,)), (losses, weights)
 
-            trained = variables + list(method.trainable_variables)
             objective, (losses, weights), rows = trainers.value_and_jacobian(
                 weighted_objective, trained, state
             )
@@ -180,7 +291,7 @@ class TaskBalancer(keras.layers.Layer):
                 [losses, objective, *gradients, *[v.value for v in state]]
             ),
         )
-        trainers.run_if(finite, lambda: optimizer.apply(gradients, trained))
+        run_if(finite, lambda: optimizer.apply(gradients, trained))
         keep_state = finite
         if method.updates_after_step:
 
@@ -188,7 +299,7 @@ class TaskBalancer(keras.layers.Layer):
                 after = ops.stop_gradient(self.task_losses(loss_fn()))
                 method.update(task_weights * losses, task_weights * after)
 
-            trainers.run_if(finite, update)
+            run_if(finite, update)
             keep_state = ops.logical_and(
                 finite, DynamicWeightedModel.values_are_finite([v.value for v in state])
             )
@@ -207,3 +318,9 @@ class TaskBalancer(keras.layers.Layer):
             "weighting": keras.saving.serialize_keras_object(self.method),
             "task_names": list(self.task_names),
         }
+
+
+def _always(condition, function):
+    """`run_if` of a stateless step: it runs, and the result is selected after."""
+    del condition
+    function()

@@ -148,48 +148,192 @@ def test_bad_input_is_named():
         keras_dwo.TaskBalancer(method, ["a", "b"])
 
 
-@pytest.mark.skipif(
-    BACKEND == "jax",
-    reason="Keras's JAX train_step takes and returns the model's state, so a "
-    "step that assigns variables cannot run in it; on JAX the balancer runs "
-    "in a loop of one's own (examples/gan.py)",
-)
-def test_inside_an_overridden_train_step_compiled_as_eager():
-    class Balanced(keras.Model):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.trunk = keras.layers.Dense(8, activation="relu")
-            self.heads = keras.layers.Dense(2)
-            self.balancer = keras_dwo.TaskBalancer("upgrad", ["first", "second"])
+class Balanced(keras.Model):
+    """A model whose overridden `train_step` balances two regression columns.
 
-        def call(self, x):
-            return self.heads(self.trunk(x))
+    On JAX, Keras's `train_step` is stateless: it calls `stateless_apply`;
+    elsewhere `apply`, and `stateless` asks for `stateless_apply` on torch.
+    """
 
-        def train_step(self, data):
-            x, y = data
-            variables = self.trunk.trainable_variables + self.heads.trainable_variables
+    stateless = False
 
-            def losses():
-                error = self(x, training=True) - y
-                return keras.ops.mean(error**2, axis=0)
+    def __init__(self, method="upgrad", **kwargs):
+        super().__init__(**kwargs)
+        self.trunk = keras.layers.Dense(8, activation="relu")
+        self.heads = keras.layers.Dense(2)
+        self.balancer = keras_dwo.TaskBalancer(method, ["first", "second"])
 
-            return self.balancer.apply(self.optimizer, losses, variables)
+    def call(self, x):
+        return self.heads(self.trunk(x))
 
+    def network_variables(self):
+        return self.trunk.trainable_variables + self.heads.trainable_variables
+
+    def losses_of(self, x, y):
+        y = keras.ops.convert_to_tensor(y)
+
+        def losses():
+            return keras.ops.mean((self(x, training=True) - y) ** 2, axis=0)
+
+        return losses
+
+    def train_step(self, *args):
+        if BACKEND == "jax":
+            state, (x, y) = args
+        elif self.stateless:
+            (x, y) = args[0]
+            state = [
+                [v.value for v in variables]
+                for variables in (
+                    self.trainable_variables,
+                    self.non_trainable_variables,
+                    self.optimizer.variables,
+                    self.metrics_variables,
+                )
+            ]
+        else:
+            x, y = args[0]
+            return self.balancer.apply(
+                self.optimizer, self.losses_of(x, y), self.network_variables()
+            )
+        trainable, non_trainable, optimizer_values, metrics = state
+        mapping = [
+            *zip(self.trainable_variables, trainable),
+            *zip(self.non_trainable_variables, non_trainable),
+            *zip(self.optimizer.variables, optimizer_values),
+        ]
+        logs, values = self.balancer.stateless_apply(
+            self.optimizer, self.losses_of(x, y), self.network_variables(), mapping
+        )
+        trainable_count = len(trainable)
+        count = trainable_count + len(non_trainable)
+        state = (
+            values[:trainable_count],
+            values[trainable_count:count],
+            values[count:],
+            metrics,
+        )
+        if BACKEND == "jax":
+            return logs, state
+        for variables, values in zip(
+            (self.trainable_variables, self.non_trainable_variables),
+            state,
+        ):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+        for variable, value in zip(self.optimizer.variables, state[2]):
+            variable.assign(value)
+        return logs
+
+
+def regression_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")
     y = np.stack([x[:, 0], -x[:, 0] + x[:, 1]], axis=1).astype("float32")
+    return x, y
+
+
+def built_balanced(method, x, run_eagerly=False, stateless=False):
+    keras.utils.set_random_seed(0)
+    model = Balanced(method)
+    model.stateless = stateless
+    model(x)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), run_eagerly=run_eagerly)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+@pytest.mark.parametrize("method", ["upgrad", "uncertainty"])
+def test_inside_an_overridden_train_step_compiled_as_eager(method):
+    x, y = regression_data()
     trained = []
     for run_eagerly in (False, True):
-        keras.utils.set_random_seed(0)
-        model = Balanced()
-        model(x)
-        model.compile(optimizer=keras.optimizers.SGD(0.05), run_eagerly=run_eagerly)
-        model.optimizer.build(
-            model.trunk.trainable_variables + model.heads.trainable_variables
-        )
+        model = built_balanced(method, x, run_eagerly)
         history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
         assert history.history["applied"][-1] == 1.0
         trained.append(variable_values(model.trainable_variables))
     assert history.history["first_loss"][-1] < history.history["first_loss"][0]
     for compiled, eager in zip(*trained):
         np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+STATELESS_ON_TENSORFLOW = pytest.mark.skipif(
+    BACKEND == "tensorflow",
+    reason="Keras's TensorFlow optimizers have no stateless update; "
+    "test_stateless_apply_is_refused_on_tensorflow checks the error",
+)
+
+
+@STATELESS_ON_TENSORFLOW
+@pytest.mark.parametrize("method", ["upgrad", "uncertainty", "famo"])
+def test_stateless_apply_takes_the_steps_of_apply(method):
+    x, y = regression_data()
+    stateful = built_balanced(method, x)
+    for start in range(0, 48, 16):
+        batch = (x[start : start + 16], y[start : start + 16])
+        stateful.balancer.apply(
+            stateful.optimizer, stateful.losses_of(*batch), stateful.network_variables()
+        )
+    stateless = built_balanced(method, x, stateless=True)
+    history = stateless.fit(x[:48], y[:48], batch_size=16, shuffle=False, verbose=0)
+    assert history.history["applied"] == [1.0]
+    for got, want in zip(
+        variable_values(stateless.weights + stateless.optimizer.variables),
+        variable_values(stateful.weights + stateful.optimizer.variables),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@STATELESS_ON_TENSORFLOW
+@pytest.mark.parametrize("method", ["uncertainty", "famo", "upgrad"])
+def test_a_non_finite_stateless_step_keeps_the_values(method):
+    x, y = regression_data()
+    model = built_balanced(method, x)
+    tracked = [*model.weights, *model.optimizer.variables]
+    mapping = [(v, v.value) for v in tracked]
+
+    def poisoned():
+        return model.losses_of(x, y)() * float("nan")
+
+    logs, values = model.balancer.stateless_apply(
+        model.optimizer, poisoned, model.network_variables(), mapping
+    )
+    assert not bool(to_numpy(logs["applied"]))
+    for got, (_, want) in zip(values, mapping):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    logs, values = model.balancer.stateless_apply(
+        model.optimizer, model.losses_of(x, y), model.network_variables(), mapping
+    )
+    assert bool(to_numpy(logs["applied"]))
+    changed = [
+        not np.array_equal(to_numpy(got), to_numpy(want))
+        for got, (_, want) in zip(values, mapping)
+    ]
+    assert all(changed[: len(model.network_variables())])
+
+
+@STATELESS_ON_TENSORFLOW
+def test_stateless_apply_names_what_is_missing():
+    x, y = regression_data()
+    model = built_balanced("uncertainty", x)
+    variables = model.network_variables()
+    mapping = [(v, v.value) for v in [*variables, *model.optimizer.variables]]
+    with pytest.raises(ValueError, match="log_variances"):
+        model.balancer.stateless_apply(
+            model.optimizer, model.losses_of(x, y), variables, mapping
+        )
+    with pytest.raises(ValueError, match="built optimizer"):
+        model.balancer.stateless_apply(
+            keras.optimizers.SGD(0.1), model.losses_of(x, y), variables, mapping
+        )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow backend's error")
+def test_stateless_apply_is_refused_on_tensorflow():
+    x, y = regression_data()
+    model = built_balanced("upgrad", x)
+    mapping = [(v, v.value) for v in [*model.weights, *model.optimizer.variables]]
+    with pytest.raises(ValueError, match="Call `apply`"):
+        model.balancer.stateless_apply(
+            model.optimizer, model.losses_of(x, y), model.network_variables(), mapping
+        )

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import keras
 from keras.utils import unpack_x_y_sample_weight
 
+from keras_dwo.trainers.scope import nested_mapping
+
 
 class _Forward(NamedTuple):
     """What a stateless forward pass returns besides the scaled objective."""
@@ -47,18 +49,25 @@ def _select(condition, new_values, old_values):
     return [jnp.where(condition, new, old) for new, old in zip(new_values, old_values)]
 
 
+STATELESS_OPTIMIZERS = True
+
+
 def value_and_jacobian(function, variables, state=()):
     """`value_and_jacobian` (see `keras_dwo.trainers`) by one pullback per entry.
 
-    The variables are read through a `keras.StatelessScope`, so this runs
-    eagerly (outside `jax.jit`), as stateful Keras code does on JAX; the new
-    values of `state` are assigned after `function` ran.
+    The variables are read through a `keras.StatelessScope`, which keeps
+    the values of an enclosing one (`TaskBalancer.stateless_apply`'s, under
+    `jax.jit`); without one it runs eagerly, as stateful Keras code does on
+    JAX. The new values of `state` are assigned after `function` ran.
     """
     state = list(state)
 
     def run(values):
-        mapping = list(zip(variables, values)) + [(v, v.value) for v in state]
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        scope = keras.StatelessScope()
+        scope.state_mapping = nested_mapping(
+            list(zip(variables, values)) + [(v, v.value) for v in state]
+        )
+        with scope:
             vector, aux = function()
         return vector, (aux, [scope.get_current_value(v) for v in state])
 

@@ -53,6 +53,11 @@ def _gather_samples(context, task_gradients):
     return gathered, start, size
 
 
+# Keras's TensorFlow optimizers update tf.Variables; they raise in a
+# stateless scope (their own `stateless_apply` raises).
+STATELESS_OPTIMIZERS = False
+
+
 def value_and_jacobian(function, variables, state=()):
     """`value_and_jacobian` (see `keras_dwo.trainers`) under a persistent tape."""
     del state

@@ -9,6 +9,7 @@ from keras.utils import unpack_x_y_sample_weight
 
 from keras_dwo.aggregation import aggregate_blocks
 from keras_dwo.trainers import torch_processes
+from keras_dwo.trainers.scope import get_stateless_scope
 from keras_dwo.trainers.stateful import StatefulTrainer
 from keras_dwo.trainers.stateful import replicas_task_losses
 from keras_dwo.trainers.torch_processes import process_count
@@ -24,11 +25,29 @@ def _gradients(target, sources, **kwargs):
     return [torch.zeros_like(s) if g is None else g for g, s in zip(gradients, sources)]
 
 
+STATELESS_OPTIMIZERS = True
+
+
 def value_and_jacobian(function, variables, state=()):
-    """`value_and_jacobian` (see `keras_dwo.trainers`) by one backward per entry."""
+    """`value_and_jacobian` (see `keras_dwo.trainers`) by one backward per entry.
+
+    Within a `keras.StatelessScope`, the variables' values there are the
+    sources: they are made leaves that require gradients while `function`
+    runs.
+    """
     del state
-    vector, aux = function()
-    return vector.detach(), aux, _jacobian(vector, [v.value for v in variables])
+    scope = get_stateless_scope()
+    if scope is None:
+        vector, aux = function()
+        return vector.detach(), aux, _jacobian(vector, [v.value for v in variables])
+    values = [v.value for v in variables]
+    sources = [value.detach().requires_grad_() for value in values]
+    scope.state_mapping.update(zip(map(id, variables), sources))
+    try:
+        vector, aux = function()
+    finally:
+        scope.state_mapping.update(zip(map(id, variables), values))
+    return vector.detach(), aux, _jacobian(vector, sources)
 
 
 def _jacobian(vector, sources):
