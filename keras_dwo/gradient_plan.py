@@ -8,6 +8,7 @@ traced by calling a subclassed model's `call` on symbolic inputs.
 """
 
 import dataclasses
+import math
 
 import keras
 
@@ -144,3 +145,21 @@ def make_plan(model, graph, wrt, shared=None, representation=None):
     for index, variable in enumerate(model.trainable_variables):
         (shared_indices if id(variable) in shared_ids else other_indices).append(index)
     return GradientPlan(shared_indices, other_indices, trunk, heads)
+
+
+def layer_sizes(variables):
+    """The number of parameters of each layer among `variables`, in order.
+
+    Consecutive variables of one layer (its kernel and bias) form one group:
+    the groups of columns of a Jacobian with respect to `variables`.
+    """
+    sizes, layers = [], []
+    for variable in variables:
+        layer = variable.path.rpartition("/")[0]
+        size = math.prod(variable.shape)
+        if layers and layers[-1] == layer:
+            sizes[-1] += size
+        else:
+            layers.append(layer)
+            sizes.append(size)
+    return sizes

@@ -472,7 +472,13 @@ class DynamicWeightedModel(Trainer, keras.Model):
             # exist when it is traced.
             self.build_optimizer()
         if needs_plan:
-            self.gradient_plan()
+            plan = self.gradient_plan()
+            if self.weighting.column_state:
+                self.weighting.build_columns(
+                    plans.layer_sizes(
+                        [self.trainable_variables[i] for i in plan.shared_indices]
+                    )
+                )
 
     def _discover_tasks(self, x):
         """Reads the task structure of a subclassed model from its `call`."""

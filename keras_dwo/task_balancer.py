@@ -7,6 +7,7 @@ from keras_dwo import aggregation
 from keras_dwo import tasks
 from keras_dwo import trainers
 from keras_dwo import weighting as weighting_module
+from keras_dwo.gradient_plan import layer_sizes
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.task_weights import validated_task_weights
 from keras_dwo.weighting.base import check_unclaimed
@@ -254,9 +255,21 @@ class TaskBalancer(keras.layers.Layer):
         learned = [v for v in self.method.trainable_variables if id(v) not in given]
         return variables + learned
 
+    def build_columns(self, variables):
+        """Makes the state of a method kept per parameter, for `variables`.
+
+        DB-MTL, MoCo and ExcessMTL (`column_state`) keep state per
+        parameter. `apply` makes it at its first call; call this first where
+        the first step is compiled (`stateless_apply`, `tf.function`).
+        """
+        if self.method.column_state:
+            self.method.build_columns(layer_sizes(list(variables)))
+
     def _step(self, optimizer, loss_fn, variables, run_if):
         """The step of `apply`; `run_if(condition, function)` guards its updates."""
         method = self.method
+        if method.column_state and method.column_groups is None:
+            self.build_columns(variables)
         task_weights = ops.convert_to_tensor(self.task_weights)
         state = list(method.non_trainable_variables)
         previous = [ops.copy(v.value) for v in state]

@@ -187,8 +187,11 @@ def compiled_aggregate(method, jacobian, losses):
     return to_numpy(direction), to_numpy(weights)
 
 
-def built(method, num_tasks):
+def built(method, num_tasks, num_columns=None):
+    """The method built for `num_tasks` tasks (and a Jacobian of `num_columns`)."""
     method.build([f"task_{i}" for i in range(num_tasks)])
+    if getattr(method, "column_state", False) and num_columns is not None:
+        method.build_columns([num_columns])
     return method
 
 
@@ -196,7 +199,7 @@ def aggregate(method, jacobian, losses=None, training=True):
     """`method.aggregate` on NumPy inputs (losses default to ones), built if needed."""
     jacobian = np.asarray(jacobian, "float32")
     if method.task_names is None:
-        built(method, len(jacobian))
+        built(method, len(jacobian), jacobian.shape[1])
     if losses is None:
         losses = np.ones(len(jacobian), "float32")
     direction, weights = method.aggregate(

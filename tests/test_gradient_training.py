@@ -8,6 +8,7 @@ import keras_dwo
 from keras_dwo import weighting
 
 from conftest import TWO_TASK_LOSSES
+from conftest import built
 from conftest import every_on_torch
 from conftest import summed_gradients_method
 from conftest import to_numpy
@@ -203,8 +204,7 @@ def test_a_step_matches_a_numpy_reference(name):
     np.testing.assert_allclose(
         [logs["first_loss"], logs["second_loss"]], losses, rtol=1e-5
     )
-    reference = _fresh(name)
-    reference.build(model.task_names)
+    reference = built(_fresh(name), 2, num_columns=jacobian.shape[1])
     direction, coefficients = (
         to_numpy(value)
         for value in reference.aggregate(

@@ -373,7 +373,11 @@ def test_compiled_solvers_match_eager(name):
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5 * scale)
 
 
-SINGLE_TASK_SCALE = {"cagrad": (1 + 0.5) / (1 + 0.5**2)}
+SINGLE_TASK_SCALE = {
+    "cagrad": (1 + 0.5) / (1 + 0.5**2),
+    # The first moving average is (1 - 0.9) g / L, L = 2.
+    "db_mtl": 0.1 / 2.0,
+}
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
@@ -382,8 +386,9 @@ def test_combine_without_tasks_and_with_one(name):
     np.testing.assert_array_equal(to_numpy(empty), np.zeros(5))
     row = np.array([[1.0, -2.0, 3.0]], "float32")
     direction = to_numpy(weighting.get(name).combine(row, [2.0]))
-    if name == "nash_mtl":
-        # The bargaining solution of one task is its unit gradient.
+    if name in ("nash_mtl", "moco"):
+        # The bargaining solution of one task is its unit gradient; MoCo's
+        # first tracked gradient is half its loss times its unit gradient.
         expected = row[0] / np.linalg.norm(row[0])
     elif name == "fairgrad":
         # |g|^2 (1 + ridge) w = 1 / w at alpha = 1: the unit gradient, nearly.

@@ -7,6 +7,7 @@ import pytest
 import keras_dwo
 
 from conftest import TWO_TASK_LOSSES
+from conftest import built
 from conftest import to_numpy
 from conftest import two_task_data
 from conftest import two_task_model
@@ -171,9 +172,7 @@ def test_with_an_absent_task_a_method_acts_on_the_others_alone(identifier):
 
     def method_for(num_tasks):
         keras.utils.set_random_seed(0)
-        method = keras_dwo.weighting.get(identifier)
-        method.build([f"task_{i}" for i in range(num_tasks)])
-        return method
+        return built(keras_dwo.weighting.get(identifier), num_tasks, num_columns=5)
 
     alone, among_three = method_for(2), method_for(3)
     fresh = variable_values(method_for(3).variables)

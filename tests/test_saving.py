@@ -45,12 +45,19 @@ METHODS = [
     "gradvac",
     "nash_mtl",
     "stch",
+    "db_mtl",
+    "moco",
+    "excess_mtl",
 ]
 
 
+# MoCo stands for the methods whose state is made per shared parameter when
+# the model plans its first step, and loaded from the shapes saved.
 @pytest.mark.parametrize(
     "weighting",
-    every_on_torch(METHODS, ["uncertainty", "famo", "rlw", "gradnorm", "gradvac"]),
+    every_on_torch(
+        METHODS, ["uncertainty", "famo", "rlw", "gradnorm", "gradvac", "moco"]
+    ),
 )
 def test_two_plus_two_epochs_equal_four(weighting, tmp_path):
     x, y = two_task_data(128)

@@ -11,7 +11,9 @@ from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.cagrad import CAGrad
 from keras_dwo.weighting.conflict_free import ConFIG
+from keras_dwo.weighting.db_mtl import DBMTL
 from keras_dwo.weighting.dualproj import DualProj
+from keras_dwo.weighting.excess_mtl import ExcessMTL
 from keras_dwo.weighting.fairgrad import FairGrad
 from keras_dwo.weighting.famo import FAMO
 from keras_dwo.weighting.gls import GLS
@@ -21,6 +23,7 @@ from keras_dwo.weighting.gradvac import GradVac
 from keras_dwo.weighting.imtl_g import IMTLG
 from keras_dwo.weighting.imtl_l import IMTLL
 from keras_dwo.weighting.mgda import MGDA
+from keras_dwo.weighting.moco import MoCo
 from keras_dwo.weighting.nash_mtl import NashMTL
 from keras_dwo.weighting.pcgrad import PCGrad
 from keras_dwo.weighting.rlw import RLW
@@ -55,6 +58,9 @@ IDENTIFIERS = {
     "dualproj": DualProj,
     "config": ConFIG,
     "fairgrad": FairGrad,
+    "db_mtl": DBMTL,
+    "moco": MoCo,
+    "excess_mtl": ExcessMTL,
 }
 
 # Identifiers that name a configuration of a class, not the class alone.
@@ -96,7 +102,9 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "DBMTL",
     "DualProj",
+    "ExcessMTL",
     "FAMO",
     "FairGrad",
     "get",
@@ -110,6 +118,7 @@ __all__ = [
     "IMTLL",
     "LossWeighting",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "RLW",

@@ -155,9 +155,11 @@ class GradientWeighting(LossWeighting):
     needs_task_gradients = True
     weights_heads = False
     allows_representation = False
+    column_state = False
 
     def __init__(self, wrt="parameters", **kwargs):
         super().__init__(**kwargs)
+        self.column_groups = None
         if wrt not in ("parameters", "representation"):
             raise ValueError(
                 f"`wrt` must be 'parameters' or 'representation'; received {wrt!r}."
@@ -168,6 +170,82 @@ class GradientWeighting(LossWeighting):
                 "parameters; it does not allow wrt='representation'."
             )
         self.wrt = wrt
+
+    def build_columns(self, group_sizes):
+        """Records the Jacobian's columns; a method with `column_state` makes its state.
+
+        Methods that keep state per parameter (moving averages of the task
+        gradients) or per layer set `column_state = True`: their variables'
+        shapes depend on the shared variables, which the model knows only
+        when it plans its first step. The model calls this then (and
+        `TaskBalancer` before its first step); loading a saved method
+        builds it from the shapes saved.
+
+        Args:
+            group_sizes: The number of columns of each shared layer, in the
+                Jacobian's column order.
+        """
+        self.column_groups = tuple(int(size) for size in group_sizes)
+
+    def column_groups_of_state(self, shapes):
+        """The `group_sizes` that give a `column_state` method's saved state.
+
+        By default the first variable that `build_columns` made is a
+        `(T, P)` one (`per_column_weight`): one group of P columns.
+
+        Args:
+            shapes: The shapes of the variables that `build_columns` made,
+                as saved.
+        """
+        return [shapes[0][-1]]
+
+    def column_weight(self, name):
+        """Returns the variable `name` that `build_columns` made; raises before."""
+        if self.column_groups is None:
+            raise ValueError(
+                f"{type(self).__name__} keeps state per shared parameter: call "
+                "`build_columns(group_sizes)` before its first step (the model "
+                "does at the start of `fit`, `TaskBalancer` at its first step)."
+            )
+        return getattr(self, name)
+
+    def per_column_weight(self, name):
+        """Adds a non-trainable `(T, P)` zero variable, one entry per task and column.
+
+        For `build_columns`: made once; columns other than those it was
+        made for are refused (the shared variables changed).
+        """
+        columns = sum(self.column_groups)
+        existing = getattr(self, name, None)
+        if existing is not None:
+            if tuple(existing.shape) != (self.num_tasks, columns):
+                raise ValueError(
+                    f"{type(self).__name__}'s state {name!r} was made for "
+                    f"{existing.shape[1]} shared parameters; the model now shares "
+                    f"{columns}. Build a new method for the new shared layers."
+                )
+            return existing
+        # Made after `build`, which locks the layer's state.
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            return self.add_weight(
+                shape=(self.num_tasks, columns),
+                initializer="zeros",
+                trainable=False,
+                name=name,
+            )
+        finally:
+            if locked:
+                self._tracker.lock()
+
+    def load_own_variables(self, store):
+        built = len(self._trainable_variables) + len(self._non_trainable_variables)
+        stored = len(store.keys())
+        if self.column_state and self.column_groups is None and stored > built:
+            shapes = [store[str(index)].shape for index in range(built, stored)]
+            self.build_columns(self.column_groups_of_state(shapes))
+        super().load_own_variables(store)
 
     def call(self, losses, training=False, present=None):
         # An absent task's loss is 0 and has no gradient: the sum ignores it.
@@ -245,6 +323,8 @@ class GradientWeighting(LossWeighting):
             return ops.zeros(ops.shape(jacobian)[1:], jacobian.dtype)
         if self.task_names is None:
             self.build([f"task_{i}" for i in range(ops.shape(jacobian)[0])])
+        if self.column_state and self.column_groups is None:
+            self.build_columns([ops.shape(jacobian)[1]])
         return self.aggregate(jacobian, losses, training=True, present=present)[0]
 
     def get_config(self):
