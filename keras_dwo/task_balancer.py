@@ -258,9 +258,11 @@ class TaskBalancer(keras.layers.Layer):
     def build_columns(self, variables):
         """Makes the state of a method kept per parameter, for `variables`.
 
-        DB-MTL, MoCo and ExcessMTL (`column_state`) keep state per
-        parameter. `apply` makes it at its first call; call this first where
-        the first step is compiled (`stateless_apply`, `tf.function`).
+        DB-MTL, MoCo, ExcessMTL and GradVac per layer (`column_state`) keep
+        state per parameter or layer. Each step calls this (the state is
+        made once); call it yourself before a first step that is compiled
+        (`stateless_apply` under `jax.jit`, a `tf.function`), where no
+        variable can be made.
         """
         if self.method.column_state:
             self.method.build_columns(layer_sizes(list(variables)))
@@ -268,8 +270,7 @@ class TaskBalancer(keras.layers.Layer):
     def _step(self, optimizer, loss_fn, variables, run_if):
         """The step of `apply`; `run_if(condition, function)` guards its updates."""
         method = self.method
-        if method.column_state and method.column_groups is None:
-            self.build_columns(variables)
+        self.build_columns(variables)
         task_weights = ops.convert_to_tensor(self.task_weights)
         state = list(method.non_trainable_variables)
         previous = [ops.copy(v.value) for v in state]

@@ -158,7 +158,7 @@ def test_fit_makes_the_state_for_the_shared_parameters(name):
 
 def test_new_shared_layers_are_refused():
     method = built(weighting.MoCo(), 2, num_columns=5)
-    with pytest.raises(ValueError, match="made for 5 shared parameters"):
+    with pytest.raises(ValueError, match="made for other shared parameters"):
         method.build_columns([6])
 
 

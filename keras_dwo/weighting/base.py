@@ -36,6 +36,8 @@ class LossWeighting(keras.layers.Layer):
 
     needs_task_gradients = False
     updates_after_step = False
+    # State per shared parameter or layer: see `GradientWeighting.build_columns`.
+    column_state = False
 
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -155,7 +157,6 @@ class GradientWeighting(LossWeighting):
     needs_task_gradients = True
     weights_heads = False
     allows_representation = False
-    column_state = False
 
     def __init__(self, wrt="parameters", **kwargs):
         super().__init__(**kwargs)
@@ -199,30 +200,35 @@ class GradientWeighting(LossWeighting):
         """
         return [shapes[0][-1]]
 
-    def column_weight(self, name):
-        """Returns the variable `name` that `build_columns` made; raises before."""
-        if self.column_groups is None:
-            raise ValueError(
-                f"{type(self).__name__} keeps state per shared parameter: call "
-                "`build_columns(group_sizes)` before its first step (the model "
-                "does at the start of `fit`, `TaskBalancer` at its first step)."
-            )
-        return getattr(self, name)
-
     def per_column_weight(self, name):
         """Adds a non-trainable `(T, P)` zero variable, one entry per task and column.
 
-        For `build_columns`: made once; columns other than those it was
-        made for are refused (the shared variables changed).
+        For `build_columns`; see `column_state_weight`.
         """
-        columns = sum(self.column_groups)
+        return self.column_state_weight(
+            name, (self.num_tasks, sum(self.column_groups)), "shared parameters"
+        )
+
+    def column_state_weight(self, name, shape, counted="shared parameters"):
+        """Adds a non-trainable zero variable whose shape depends on the columns.
+
+        For `build_columns`: made once; a later call for another shape (the
+        shared variables changed) is refused.
+
+        Args:
+            name: The attribute and variable name.
+            shape: Its shape.
+            counted: What the first dimension that can differ counts, for
+                the error message.
+        """
         existing = getattr(self, name, None)
         if existing is not None:
-            if tuple(existing.shape) != (self.num_tasks, columns):
+            if tuple(existing.shape) != tuple(shape):
                 raise ValueError(
-                    f"{type(self).__name__}'s state {name!r} was made for "
-                    f"{existing.shape[1]} shared parameters; the model now shares "
-                    f"{columns}. Build a new method for the new shared layers."
+                    f"{type(self).__name__}'s state {name!r} has shape "
+                    f"{tuple(existing.shape)}, made for other {counted} than "
+                    f"the model's now ({tuple(shape)}). Build a new method for "
+                    "the new shared layers."
                 )
             return existing
         # Made after `build`, which locks the layer's state.
@@ -230,14 +236,24 @@ class GradientWeighting(LossWeighting):
         self._tracker.unlock()
         try:
             return self.add_weight(
-                shape=(self.num_tasks, columns),
-                initializer="zeros",
-                trainable=False,
-                name=name,
+                shape=shape, initializer="zeros", trainable=False, name=name
             )
         finally:
             if locked:
                 self._tracker.lock()
+
+    def checked_column_groups(self, jacobian):
+        """Returns `column_groups`, checked against the Jacobian's columns."""
+        groups = self.column_groups
+        if groups is None or sum(groups) != jacobian.shape[1]:
+            raise ValueError(
+                f"{type(self).__name__} keeps state per shared parameter or "
+                f"layer, built for the column groups {groups}; the Jacobian has "
+                f"{jacobian.shape[1]} columns. Call `build_columns(group_sizes)` "
+                "for these variables before the step (the model does at the "
+                "start of `fit`, `TaskBalancer` at each step)."
+            )
+        return groups
 
     def load_own_variables(self, store):
         built = len(self._trainable_variables) + len(self._non_trainable_variables)

@@ -74,7 +74,8 @@ class DBMTL(GradientWeighting):
         step = ops.convert_to_tensor(self.steps) + 1.0
         rate = self.beta / ops.power(step, self.beta_sigma)
         log_gradients = jacobian / ops.expand_dims(ops.abs(losses) + EPSILON, 1)
-        moving = ops.convert_to_tensor(self.column_weight("moving_gradients"))
+        self.checked_column_groups(jacobian)
+        moving = ops.convert_to_tensor(self.moving_gradients)
         moved = log_gradients + rate * (moving - log_gradients)
         moved = ops.where(ops.expand_dims(present, 1) > 0, moved, moving)
         norms = ops.sqrt(ops.sum(ops.square(moved), axis=1))

@@ -76,7 +76,8 @@ class ExcessMTL(GradientWeighting):
     def aggregate(self, jacobian, losses, training=True, present=None):
         present = presence(present, losses)
         squares = ops.square(jacobian)
-        sums = ops.convert_to_tensor(self.column_weight("squared_sums")) + squares
+        self.checked_column_groups(jacobian)
+        sums = ops.convert_to_tensor(self.squared_sums) + squares
         excess = ops.sum(squares / ops.sqrt(sums + EPSILON), axis=1)
         initial = ops.convert_to_tensor(self.initial_excess)
         started = ops.cast(initial > 0, "float32") * present

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.gram import combination
 from keras_dwo.weighting.random_state import RandomState
 
 # The correction divides by sqrt(1 - target^2); bounding the target keeps the
@@ -33,20 +34,27 @@ class GradVac(RandomState, GradientWeighting):
     corrected gradients. Inside the correction, which is unbounded for a
     target of 1, targets are bounded by `MAX_TARGET_COSINE`.
 
-    The similarities are those of the whole Jacobian (the paper's and
-    LibMTL's "whole model" granularity): the Jacobian arrives flattened, so
-    the per-layer or per-matrix targets of the paper are not kept. Each
-    corrected gradient is a linear combination of the original ones, so the
-    method works on the `(T, T)` Gram matrix and keeps the coefficients:
-    `weights` is their sum and `direction == weights @ jacobian` exactly (as
-    for `PCGrad`, a task with a small gradient can get a large weight). The
-    targets are a non-trainable `(T, T)` variable (diagonal unused) and the
-    random orders come from a `keras.random.SeedGenerator`, both saved with
-    the model.
+    With `granularity="whole"` (the default, LibMTL's) the similarities are
+    those of the whole Jacobian. Each corrected gradient is then a linear
+    combination of the original ones, so the method works on the `(T, T)`
+    Gram matrix and keeps the coefficients: `weights` is their sum and
+    `direction == weights @ jacobian` exactly (as for `PCGrad`, a task with
+    a small gradient can get a large weight). The targets are a
+    non-trainable `(T, T)` variable (diagonal unused) and the random orders
+    come from a `keras.random.SeedGenerator`, both saved with the model.
+
+    With `granularity="layer"`, as in the paper's experiments, each shared
+    layer (its kernel and bias) has its own targets, a `(layers, T, T)`
+    variable made when the model plans its first step, and the correction
+    is made layer by layer on that layer's columns of the Jacobian, with
+    the same random orders; the direction is the layers' corrected sums
+    side by side. It is not one combination of the task gradients: the
+    logged weights are the mean over the layers of their coefficients.
 
     Args:
         beta: Rate of the moving average of the similarities (default 0.5,
             LibMTL's).
+        granularity: `"whole"` (default) or `"layer"`.
         seed: Optional integer seed of the random orders.
         **kwargs: Passed to `GradientWeighting`.
 
@@ -58,12 +66,22 @@ class GradVac(RandomState, GradientWeighting):
           JMLR 2023 (default `beta`).
     """
 
-    def __init__(self, beta=0.5, seed=None, **kwargs):
+    def __init__(self, beta=0.5, granularity="whole", seed=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"`beta` must be in [0, 1]; received {beta}.")
+        if granularity not in ("whole", "layer"):
+            raise ValueError(
+                f"`granularity` must be 'whole' or 'layer'; received {granularity!r}."
+            )
         self.beta = float(beta)
+        self.granularity = granularity
+        self.column_state = granularity == "layer"
         self.seed = seed
+
+    @property
+    def weights_from_gram(self):
+        return self.granularity == "whole"
 
     def build(self, task_names):
         super().build(task_names)
@@ -75,13 +93,55 @@ class GradVac(RandomState, GradientWeighting):
             name="target_cosines",
         )
 
+    def build_columns(self, group_sizes):
+        super().build_columns(group_sizes)
+        if self.granularity == "layer":
+            self.layer_target_cosines = self.column_state_weight(
+                "layer_target_cosines",
+                (len(group_sizes), self.num_tasks, self.num_tasks),
+                "shared layers",
+            )
+
+    def column_groups_of_state(self, shapes):
+        # The layers' sizes are set again when the model plans its step.
+        return [0] * shapes[0][0]
+
     def gram_weights(self, gram, losses, training=True, present=None):
+        orders = self.other_tasks_in_random_order(training)
+        weights, targets = self._vaccinated(
+            gram, self.target_cosines, orders, presence(present, losses)
+        )
+        if training:
+            self.target_cosines.assign(targets)
+        return weights
+
+    def aggregate(self, jacobian, losses, training=True, present=None):
+        if self.granularity == "whole":
+            return super().aggregate(jacobian, losses, training, present)
         present = presence(present, losses)
+        orders = self.other_tasks_in_random_order(training)
+        directions, weights, targets, start = [], [], [], 0
+        for layer, size in enumerate(self.checked_column_groups(jacobian)):
+            block = jacobian[:, start : start + size]
+            start += size
+            gram = ops.matmul(block, ops.transpose(block))
+            layer_weights, layer_targets = self._vaccinated(
+                gram, self.layer_target_cosines[layer], orders, present
+            )
+            directions.append(combination(layer_weights, block, gram)[0])
+            weights.append(layer_weights)
+            targets.append(layer_targets)
+        if training:
+            self.layer_target_cosines.assign(ops.stack(targets))
+        return ops.concatenate(directions), ops.mean(ops.stack(weights), axis=0)
+
+    def _vaccinated(self, gram, targets, orders, present):
+        """Returns the summed coefficients of the corrected gradients and the
+        new targets, for one Gram matrix and its `(T, T)` targets."""
         num_tasks = self.num_tasks
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
-        orders = self.other_tasks_in_random_order(training)
         identity = ops.eye(num_tasks)
-        targets = ops.convert_to_tensor(self.target_cosines)
+        targets = ops.convert_to_tensor(targets)
         corrected, new_targets = [], []
         for i in range(num_tasks):
             coefficients = identity[i]
@@ -119,10 +179,12 @@ class GradVac(RandomState, GradientWeighting):
                 )
             corrected.append(coefficients)
             new_targets.append(row_targets)
-        if training:
-            self.target_cosines.assign(ops.stack(new_targets))
-        weights = ops.sum(ops.stack(corrected), axis=0)
-        return weights
+        return ops.sum(ops.stack(corrected), axis=0), ops.stack(new_targets)
 
     def get_config(self):
-        return {**super().get_config(), "beta": self.beta, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "beta": self.beta,
+            "granularity": self.granularity,
+            "seed": self.seed,
+        }

@@ -102,7 +102,8 @@ class MoCo(GradientWeighting):
         gamma = self.gamma / ops.power(step, self.gamma_sigma)
         norms = ops.sqrt(ops.sum(ops.square(jacobian), axis=1))
         scaled = jacobian * ops.expand_dims(losses / (norms + EPSILON), 1)
-        tracked = ops.convert_to_tensor(self.column_weight("tracked_gradients"))
+        self.checked_column_groups(jacobian)
+        tracked = ops.convert_to_tensor(self.tracked_gradients)
         moved = tracked - beta * (tracked - scaled)
         kept = ops.expand_dims(present, 1) > 0
         moved = ops.where(kept, moved, tracked)
