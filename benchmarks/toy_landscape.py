@@ -85,6 +85,9 @@ METHODS = {
     "dualproj": "dualproj",
     "config": "config",
     "fairgrad": "fairgrad",
+    "db_mtl": "db_mtl",
+    "moco": "moco",
+    "excess_mtl": "excess_mtl",
 }
 QUICK_METHODS = ("equal", "nash_mtl", "famo")
 
