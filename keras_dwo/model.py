@@ -857,17 +857,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
             ),
         )
 
-    @staticmethod
-    def values_are_finite(values):
-        """Whether every float tensor in `values` is finite: a boolean tensor."""
-        checks = [
-            ops.all(ops.isfinite(value))
-            for value in values
-            if keras.backend.is_float_dtype(
-                keras.backend.standardize_dtype(value.dtype)
-            )
-        ]
-        return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+    # Whether every float tensor in a list is finite: a boolean tensor.
+    values_are_finite = staticmethod(trainers.values_are_finite)
 
     def record_step(
         self,

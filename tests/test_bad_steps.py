@@ -244,3 +244,24 @@ def test_a_zero_task_weight_is_valid_for_methods_on_positive_losses(method):
         # Left out: what the method holds for the switched-off task stays.
         for old, variable in zip(before, per_task):
             assert to_numpy(variable)[1] == old[1]
+
+
+@pytest.mark.parametrize(
+    "bad, finite",
+    [(None, True), (np.nan, False), (np.inf, False), (-np.inf, False), (1e30, True)],
+)
+def test_the_finite_check_is_exact(bad, finite):
+    # 1e30 is finite, though its square, which a norm takes, overflows.
+    from keras_dwo import trainers
+
+    values = [np.ones((3, 4), "float32"), np.arange(3, dtype="float32")]
+    if bad is not None:
+        values[0][1, 2] = bad
+    tensors = [keras.ops.convert_to_tensor(v) for v in values]
+    tensors += [
+        keras.ops.zeros((0,)),
+        keras.ops.convert_to_tensor(np.array([1, 2], "int32")),
+        keras.ops.convert_to_tensor(np.array([0.5], "float16")),
+    ]
+    assert bool(to_numpy(trainers.values_are_finite(tensors))) is finite
+    assert bool(to_numpy(trainers.values_are_finite([tensors[3]])))

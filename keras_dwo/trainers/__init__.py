@@ -15,6 +15,8 @@ Two functions serve `keras_dwo.TaskBalancer` and
   it assigned.
 - `run_if(condition, function)` runs `function()` if the scalar boolean
   tensor `condition` is true.
+- `values_are_finite(values)`: whether every float tensor in the list is
+  finite, a scalar boolean tensor.
 - `STATELESS_OPTIMIZERS`: whether Keras's optimizers of the backend update
   in a `keras.StatelessScope` (not on TensorFlow).
 """
@@ -24,11 +26,13 @@ import keras
 _BACKEND = keras.backend.backend()
 
 if _BACKEND == "tensorflow":
+    from keras_dwo.trainers.finite import values_are_finite
     from keras_dwo.trainers.tensorflow import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.tensorflow import TensorFlowTrainer as Trainer
     from keras_dwo.trainers.tensorflow import run_if
     from keras_dwo.trainers.tensorflow import value_and_jacobian
 elif _BACKEND == "jax":
+    from keras_dwo.trainers.finite import values_are_finite
     from keras_dwo.trainers.jax import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.jax import JAXTrainer as Trainer
     from keras_dwo.trainers.jax import run_if
@@ -38,10 +42,17 @@ elif _BACKEND == "torch":
     from keras_dwo.trainers.torch import TorchTrainer as Trainer
     from keras_dwo.trainers.torch import run_if
     from keras_dwo.trainers.torch import value_and_jacobian
+    from keras_dwo.trainers.torch import values_are_finite
 else:
     raise ImportError(
         f"keras-dwo supports the tensorflow, jax and torch backends; the Keras "
         f"backend is {_BACKEND!r}."
     )
 
-__all__ = ["STATELESS_OPTIMIZERS", "Trainer", "run_if", "value_and_jacobian"]
+__all__ = [
+    "STATELESS_OPTIMIZERS",
+    "Trainer",
+    "run_if",
+    "value_and_jacobian",
+    "values_are_finite",
+]

@@ -65,6 +65,31 @@ def _jacobian(vector, sources):
     return rows
 
 
+def values_are_finite(values):
+    """Whether every float tensor in `values` is finite: a boolean tensor.
+
+    One fused reduction for the common case: the L2 norms of all the
+    tensors at once (`torch._foreach_norm`), finite if every entry is. A
+    norm that is not finite (a non-finite entry, or finite entries whose
+    squares overflow) is settled by the exact check of each tensor. Keras's
+    ops, one `isfinite` and one `all` per tensor, cost a few hundred
+    microseconds per step on CPU.
+    """
+    floats = [
+        value.detach()
+        for value in values
+        if torch.is_floating_point(value) and value.numel() > 0
+    ]
+    if not floats:
+        return torch.tensor(True)
+    with torch.no_grad():
+        norms = torch._foreach_norm(floats)
+        if all(norm.dtype == norms[0].dtype for norm in norms):
+            if bool(torch.isfinite(torch.stack(norms)).all()):
+                return torch.tensor(True, device=floats[0].device)
+        return torch.stack([torch.isfinite(value).all() for value in floats]).all()
+
+
 def run_if(condition, function):
     """Runs `function()` if the scalar boolean tensor `condition` is true."""
     if bool(condition):
