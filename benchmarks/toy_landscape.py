@@ -88,6 +88,8 @@ METHODS = {
     "db_mtl": "db_mtl",
     "moco": "moco",
     "excess_mtl": "excess_mtl",
+    "modo": "modo",
+    "sdmgrad": "sdmgrad",
 }
 QUICK_METHODS = ("equal", "nash_mtl", "famo")
 

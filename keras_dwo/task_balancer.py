@@ -258,11 +258,11 @@ class TaskBalancer(keras.layers.Layer):
     def build_columns(self, variables):
         """Makes the state of a method kept per parameter, for `variables`.
 
-        DB-MTL, MoCo, ExcessMTL and GradVac per layer (`column_state`) keep
-        state per parameter or layer. Each step calls this (the state is
-        made once); call it yourself before a first step that is compiled
-        (`stateless_apply` under `jax.jit`, a `tf.function`), where no
-        variable can be made.
+        DB-MTL, MoCo, ExcessMTL, MoDo, SDMGrad and GradVac per layer
+        (`column_state`) keep state per parameter or layer. Each step calls
+        this (the state is made once); call it yourself before a first step
+        that is compiled (`stateless_apply` under `jax.jit`, a
+        `tf.function`), where no variable can be made.
         """
         if self.method.column_state:
             self.method.build_columns(layer_sizes(list(variables)))

@@ -20,8 +20,9 @@ RULES = sorted(
     if weighting.get(name).needs_task_gradients
     and weighting.get(name).wrt == "parameters"
 )
-# GradDrop drops signs; the others keep state per parameter.
-NOT_GRAM_RULES = {"graddrop", "db_mtl", "moco", "excess_mtl"}
+# GradDrop drops signs; the others keep state per parameter (MoDo and
+# SDMGrad pair the Jacobian with the previous step's).
+NOT_GRAM_RULES = {"graddrop", "db_mtl", "moco", "excess_mtl", "modo", "sdmgrad"}
 GRAM_RULES = [name for name in RULES if name not in NOT_GRAM_RULES]
 SPLIT = 4
 

@@ -1,7 +1,10 @@
-"""DB-MTL, MoCo and ExcessMTL: state per shared parameter, against LibMTL's updates.
+"""Methods with state per shared parameter, against LibMTL's updates.
 
 The references are NumPy transcriptions of the updates as LibMTL writes
-them (`DB_MTL`, `MoCo`, `ExcessMTL`), run over several steps.
+them (`DB_MTL`, `MoCo`, `ExcessMTL`, `MoDo`, `SDMGrad`), run over several
+steps. MoDo and SDMGrad sample three batches per step in LibMTL; ours pair
+the current Jacobian with the previous step's, and the references do the
+same.
 """
 
 import keras
@@ -80,10 +83,55 @@ def excess_mtl_reference(cases, step_size=0.01):
     return directions, sums
 
 
+def simplex_projection(values):
+    ordered = np.sort(values)[::-1]
+    cumulative = np.cumsum(ordered)
+    rho = np.nonzero(ordered * np.arange(1, len(values) + 1) > cumulative - 1)[0][-1]
+    return np.maximum(values - (cumulative[rho] - 1) / (rho + 1), 0.0)
+
+
+def modo_reference(cases, gamma=0.001, rho=0.1):
+    num_tasks = len(cases[0][0])
+    previous = np.zeros_like(cases[0][0], "float64")
+    lambdas = np.ones(num_tasks) / num_tasks
+    directions = []
+    for jacobian, _ in cases:
+        current = jacobian.astype("float64")
+        lambdas = simplex_projection(
+            lambdas - gamma * (previous @ (current.T @ lambdas) + rho * lambdas)
+        )
+        directions.append(current.T @ lambdas)
+        previous = current
+    return directions, previous
+
+
+def sdmgrad_reference(cases, regularization=0.3, iterations=20):
+    num_tasks = len(cases[0][0])
+    previous = np.zeros_like(cases[0][0], "float64")
+    weights = np.ones(num_tasks) / num_tasks
+    directions = []
+    for jacobian, _ in cases:
+        current = jacobian.astype("float64")
+        cross = previous @ current.T
+        scale = np.mean(np.sqrt(np.maximum(np.diag(cross), 0.0)))
+        cross = cross / (scale**2 + 1e-8)
+        mean_row = cross.mean(axis=1)
+        velocity = np.zeros(num_tasks)
+        for _ in range(iterations):
+            velocity = 0.5 * velocity + cross @ weights + regularization * mean_row
+            weights = simplex_projection(weights - 5.0 * velocity)
+        direction = weights @ current + regularization * current.mean(axis=0)
+        directions.append(direction / (1 + regularization))
+        previous = current
+    return directions, previous
+
+
 REFERENCES = {
     "db_mtl": (db_mtl_reference, "moving_gradients"),
     "moco": (moco_reference, "tracked_gradients"),
     "excess_mtl": (excess_mtl_reference, "squared_sums"),
+    "modo": (modo_reference, "previous_jacobian"),
+    "sdmgrad": (sdmgrad_reference, "previous_jacobian"),
 }
 
 
@@ -156,6 +204,46 @@ def test_fit_makes_the_state_for_the_shared_parameters(name):
     assert np.all(np.isfinite(state)) and np.any(state != 0.0)
 
 
+def test_the_simplex_projection_matches_the_sort_algorithm():
+    from keras_dwo.weighting.simplex import project_to_simplex
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        values = (rng.normal(size=int(rng.integers(1, 9))) * 3).astype("float32")
+        got = to_numpy(
+            project_to_simplex(
+                keras.ops.convert_to_tensor(values), keras.ops.ones(len(values))
+            )
+        )
+        np.testing.assert_allclose(got, simplex_projection(values), atol=1e-6)
+    # An absent task takes no part: the others are projected on their own.
+    values = keras.ops.convert_to_tensor([0.3, 5.0, 0.2])
+    got = to_numpy(project_to_simplex(values, keras.ops.convert_to_tensor([1, 0, 1.0])))
+    np.testing.assert_allclose(got, [0.55, 0.0, 0.45], atol=1e-6)
+
+
+def test_modo_and_sdmgrad_start_from_the_mean_gradient():
+    # No previous Jacobian at the first step: the weights stay uniform.
+    jacobian = np.array([[1.0, 0.0], [0.0, 3.0]], "float32")
+    for method in (weighting.MoDo(), weighting.SDMGrad()):
+        built(method, 2, num_columns=2)
+        direction, _ = compiled_aggregate(method, jacobian, np.ones(2, "float32"))
+        np.testing.assert_allclose(direction, [0.5, 1.5], rtol=1e-5)
+
+
+def test_modo_moves_weight_away_from_the_task_with_the_larger_gradient():
+    # Orthogonal gradients, the second three times longer: one MoDo step
+    # lowers the norm of the combination by weighting the shorter one more.
+    jacobian = np.array([[1.0, 0.0], [0.0, 3.0]], "float32")
+    method = built(weighting.MoDo(gamma=0.01), 2, num_columns=2)
+    compiled_aggregate(method, jacobian, np.ones(2, "float32"))
+    _, weights = compiled_aggregate(method, jacobian, np.ones(2, "float32"))
+    # lambda - gamma (diag(1, 9) lambda + rho lambda), projected.
+    step = 0.5 - 0.01 * (np.array([1.0, 9.0]) * 0.5 + 0.1 * 0.5)
+    np.testing.assert_allclose(weights, simplex_projection(step), rtol=1e-5)
+    assert weights[0] > 0.5 > weights[1]
+
+
 def test_new_shared_layers_are_refused():
     method = built(weighting.MoCo(), 2, num_columns=5)
     with pytest.raises(ValueError, match="made for other shared parameters"):
@@ -195,3 +283,9 @@ def test_invalid_arguments_are_refused():
         weighting.MoCo(rho=-1.0)
     with pytest.raises(ValueError, match="step_size"):
         weighting.ExcessMTL(step_size=0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        weighting.MoDo(gamma=-1.0)
+    with pytest.raises(ValueError, match="iterations"):
+        weighting.SDMGrad(iterations=0)
+    with pytest.raises(ValueError, match="momentum"):
+        weighting.SDMGrad(momentum=1.0)

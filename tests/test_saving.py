@@ -48,6 +48,8 @@ METHODS = [
     "db_mtl",
     "moco",
     "excess_mtl",
+    "modo",
+    "sdmgrad",
 ]
 
 

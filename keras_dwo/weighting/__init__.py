@@ -24,10 +24,12 @@ from keras_dwo.weighting.imtl_g import IMTLG
 from keras_dwo.weighting.imtl_l import IMTLL
 from keras_dwo.weighting.mgda import MGDA
 from keras_dwo.weighting.moco import MoCo
+from keras_dwo.weighting.modo import MoDo
 from keras_dwo.weighting.nash_mtl import NashMTL
 from keras_dwo.weighting.pcgrad import PCGrad
 from keras_dwo.weighting.rlw import RLW
 from keras_dwo.weighting.scale_invariant import ScaleInvariant
+from keras_dwo.weighting.sdmgrad import SDMGrad
 from keras_dwo.weighting.static import Static
 from keras_dwo.weighting.stch import STCH
 from keras_dwo.weighting.uncertainty import Uncertainty
@@ -61,6 +63,8 @@ IDENTIFIERS = {
     "db_mtl": DBMTL,
     "moco": MoCo,
     "excess_mtl": ExcessMTL,
+    "modo": MoDo,
+    "sdmgrad": SDMGrad,
 }
 
 # Identifiers that name a configuration of a class, not the class alone.
@@ -119,11 +123,13 @@ __all__ = [
     "LossWeighting",
     "MGDA",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "RLW",
     "STCH",
     "ScaleInvariant",
+    "SDMGrad",
     "Static",
     "Uncertainty",
     "UPGrad",

@@ -1,0 +1,34 @@
+"""Euclidean projection onto the probability simplex, in `keras.ops`."""
+
+from keras import ops
+
+# Below every value that reaches the projection: absent tasks sort last.
+ABSENT = -1e30
+
+
+def project_to_simplex(values, present):
+    """Returns the point of the present tasks' simplex nearest to `values`.
+
+    The sort-based algorithm (Held, Wolfe and Crowder; Duchi et al. 2008):
+    with `u` the values sorted in decreasing order, the support is the
+    largest `k` with `u_k > (sum_{j<=k} u_j - 1) / k`, and the projection is
+    `max(v - theta, 0)` with `theta` that threshold at `k`.
+
+    Args:
+        values: `(T,)` float tensor.
+        present: `(T,)` 0/1 mask; the absent tasks get 0 and take no part.
+
+    Returns:
+        The `(T,)` projection: non-negative, summing to 1 over the present
+        tasks (all zeros where none is present).
+    """
+    masked = ops.where(present > 0, values, ABSENT)
+    ordered = ops.flip(ops.sort(masked))
+    cumulative = ops.cumsum(ordered)
+    ranks = ops.arange(1, ops.shape(values)[0] + 1, dtype=values.dtype)
+    support = ops.cast(ordered * ranks > cumulative - 1.0, values.dtype) * ops.cast(
+        ordered > ABSENT, values.dtype
+    )
+    size = ops.maximum(ops.sum(support), 1.0)
+    threshold = (ops.sum(ordered * support) - 1.0) / size
+    return ops.maximum(values - threshold, 0.0) * present
