@@ -240,10 +240,12 @@ def built_balanced(method, x, run_eagerly=False, stateless=False):
     model(x)
     model.compile(optimizer=keras.optimizers.SGD(0.05), run_eagerly=run_eagerly)
     model.optimizer.build(model.trainable_variables)
+    # MoCo's state per parameter must exist before a compiled first step.
+    model.balancer.build_columns(model.network_variables())
     return model
 
 
-@pytest.mark.parametrize("method", ["upgrad", "uncertainty"])
+@pytest.mark.parametrize("method", ["upgrad", "uncertainty", "moco"])
 def test_inside_an_overridden_train_step_compiled_as_eager(method):
     x, y = regression_data()
     trained = []
@@ -265,7 +267,7 @@ STATELESS_ON_TENSORFLOW = pytest.mark.skipif(
 
 
 @STATELESS_ON_TENSORFLOW
-@pytest.mark.parametrize("method", ["upgrad", "uncertainty", "famo"])
+@pytest.mark.parametrize("method", ["upgrad", "uncertainty", "famo", "moco"])
 def test_stateless_apply_takes_the_steps_of_apply(method):
     x, y = regression_data()
     stateful = built_balanced(method, x)
