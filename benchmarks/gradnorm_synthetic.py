@@ -58,6 +58,11 @@ METHODS = {
     "mgda": ("mgda", False),
     "imtl_g": ("imtl_g", False),
     "famo": ("famo", False),
+    "db_mtl": ("db_mtl", False),
+    "moco": ("moco", False),
+    "excess_mtl": ("excess_mtl", False),
+    "modo": ("modo", False),
+    "sdmgrad": ("sdmgrad", False),
 }
 
 
@@ -154,8 +159,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=".", help="directory for PNG and JSON")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS))
     args = parser.parse_args()
     epochs = 6 if args.quick else args.epochs
+    methods = args.methods or list(METHODS)
     cases = {"T=2": CASES["T=2"]} if args.quick else CASES
     output = pathlib.Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,7 @@ def main():
     for case, sigmas in cases.items():
         train, test = make_tasks(sigmas, np.random.default_rng(SEED))
         results[case] = {
-            method: run(method, sigmas, train, test, epochs) for method in METHODS
+            method: run(method, sigmas, train, test, epochs) for method in methods
         }
         print(f"\n{case}, sigma = {sigmas}, {epochs} epochs")
         print(
