@@ -163,6 +163,8 @@ def main():
     args = parser.parse_args()
     epochs = 6 if args.quick else args.epochs
     methods = args.methods or list(METHODS)
+    if args.quick and not {"equal", "gradnorm"} <= set(methods):
+        parser.error("--quick compares GradNorm with equal weights: keep both.")
     cases = {"T=2": CASES["T=2"]} if args.quick else CASES
     output = pathlib.Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
