@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.simplex import present_share
 
 EPSILON = 1e-8
 # Stands for minus infinity in a softmax over the present tasks only.
@@ -108,8 +109,7 @@ class MoCo(GradientWeighting):
         kept = ops.expand_dims(present, 1) > 0
         moved = ops.where(kept, moved, tracked)
         stored = ops.convert_to_tensor(self.lambdas)
-        # The present tasks' weights, on their own simplex.
-        lambdas = ops.divide_no_nan(stored * present, ops.sum(stored * present))
+        lambdas = present_share(stored, present)
         hessian = ops.matmul(moved, ops.transpose(moved)) + self.rho * ops.eye(
             self.num_tasks
         )

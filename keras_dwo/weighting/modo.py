@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.simplex import present_share
 from keras_dwo.weighting.simplex import project_to_simplex
 
 
@@ -72,7 +73,7 @@ class MoDo(GradientWeighting):
         present = presence(present, losses)
         previous = ops.convert_to_tensor(self.previous_jacobian)
         stored = ops.convert_to_tensor(self.lambdas)
-        lambdas = ops.divide_no_nan(stored * present, ops.sum(stored * present))
+        lambdas = present_share(stored, present)
         cross = ops.matmul(previous, ops.transpose(jacobian))
         step = self.gamma * (ops.matmul(cross, lambdas) + self.rho * lambdas)
         weights = project_to_simplex(lambdas - step, present)

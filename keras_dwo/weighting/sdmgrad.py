@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
+from keras_dwo.weighting.simplex import present_share
 from keras_dwo.weighting.simplex import project_to_simplex
 
 EPSILON = 1e-8
@@ -100,7 +101,7 @@ class SDMGrad(GradientWeighting):
         cross = cross / (ops.square(scale) + EPSILON)
         mean_row = ops.matmul(cross, present) / count
         stored = ops.convert_to_tensor(self.simplex_weights)
-        weights = ops.divide_no_nan(stored * present, ops.sum(stored * present))
+        weights = present_share(stored, present)
         velocity = ops.zeros_like(weights)
         for _ in range(self.iterations):
             gradient = ops.matmul(cross, weights) + self.regularization * mean_row

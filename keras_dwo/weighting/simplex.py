@@ -32,3 +32,13 @@ def project_to_simplex(values, present):
     size = ops.maximum(ops.sum(support), 1.0)
     threshold = (ops.sum(ordered * support) - 1.0) / size
     return ops.maximum(values - threshold, 0.0) * present
+
+
+def present_share(weights, present):
+    """Returns the present tasks' weights rescaled to sum to 1, the others 0.
+
+    For weights kept on the simplex as state: an absent task keeps its
+    stored weight, and the present ones are renormalised among themselves
+    (with every task present, they sum to 1 already).
+    """
+    return ops.divide_no_nan(weights * present, ops.sum(weights * present))
