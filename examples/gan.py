@@ -28,10 +28,12 @@ completed digit as its true class, and saves a grid of completions to
     python examples/gan.py
     KERAS_BACKEND=torch python examples/gan.py --epochs 80
 
-The steps run in a loop of our own rather than in `fit`: Keras's
-`train_step` takes and returns the model's state on JAX, so a step that
-assigns variables (two optimizers, a balancer) is written differently for
-each backend there; this loop is not.
+The steps run in a loop of our own rather than in `fit`: on JAX, Keras's
+`train_step` takes and returns the model's state, which holds the
+variables of one optimizer, the model's, so a step with two optimizers, as
+here, cannot be a JAX `train_step`; this loop is the same on every backend.
+(A custom `train_step` with one optimizer balances its losses with
+`TaskBalancer.apply`, or `TaskBalancer.stateless_apply` on JAX.)
 
 `--quick` trains for a few epochs and checks that every variant's error on
 the erased half fell below its untrained generator's; it exits with a
