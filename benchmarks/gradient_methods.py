@@ -693,9 +693,19 @@ def main():
         help="Many tasks: T=16 32 64, the gradient-level methods but PCGrad "
         "and GradVac (and 'equal'), 2 steps, 7 rounds.",
     )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        help="Units of each trunk layer (default 256; 512 makes the network "
+        "large enough that Keras's fixed cost per step does not decide).",
+    )
     parser.add_argument("--json", metavar="PATH", help="Also write the medians here.")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.hidden is not None:
+        if args.hidden < 1:
+            parser.error("--hidden must be positive.")
+        sizes = dataclasses.replace(sizes, hidden=args.hidden)
     if args.quick and args.many:
         parser.error("--quick and --many exclude each other.")
     default_tasks = [2] if args.quick else list(MANY_TASKS) if args.many else [2, 4, 8]
