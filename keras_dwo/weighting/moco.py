@@ -6,6 +6,7 @@ from keras import ops
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.simplex import present_share
+from keras_dwo.weighting.simplex import uniform_simplex_weight
 
 EPSILON = 1e-8
 # Stands for minus infinity in a softmax over the present tasks only.
@@ -81,16 +82,10 @@ class MoCo(GradientWeighting):
 
     def build(self, task_names):
         super().build(task_names)
-        num_tasks = len(task_names)
         self.steps = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="steps"
         )
-        self.lambdas = self.add_weight(
-            shape=(num_tasks,),
-            initializer=keras.initializers.Constant(1.0 / num_tasks),
-            trainable=False,
-            name="lambdas",
-        )
+        self.lambdas = uniform_simplex_weight(self, "lambdas")
 
     def build_columns(self, group_sizes):
         super().build_columns(group_sizes)

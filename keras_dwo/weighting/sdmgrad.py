@@ -3,16 +3,14 @@
 import keras
 from keras import ops
 
-from keras_dwo.weighting.base import GradientWeighting
-from keras_dwo.weighting.base import presence
-from keras_dwo.weighting.simplex import present_share
+from keras_dwo.weighting.double_sampling import DoubleSampling
 from keras_dwo.weighting.simplex import project_to_simplex
 
 EPSILON = 1e-8
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
-class SDMGrad(GradientWeighting):
+class SDMGrad(DoubleSampling):
     """SDMGrad: MGDA's weights regularised toward the mean gradient, stochastically.
 
     The direction is `d = (G^T w + lambda g_0) / (1 + lambda)`, with `g_0`
@@ -24,13 +22,9 @@ class SDMGrad(GradientWeighting):
     the mean of its diagonal's square roots, squared.
 
     The paper samples three batches per step (`G_a`, `G_b` and one for the
-    direction). Here `G_a` is the previous step's Jacobian (state, one
-    `(T, P)` variable), independent of the current batch's, which is `G_b`
-    and gives the direction: no extra passes, at the price of gradients one
-    step old in the weights' update. The logged weights are the
-    coefficients of the task gradients in the direction,
-    `(w + lambda / T) / (1 + lambda)`. A task without a label in the batch
-    keeps its weight and stored gradient and is left out of the step. The
+    direction); here `G_a` is the previous step's Jacobian, see
+    `DoubleSampling`. The logged weights are the coefficients of the task
+    gradients in the direction, `(w + lambda / T) / (1 + lambda)`. The
     method needs the parameters' gradients (no `wrt="representation"`).
 
     Args:
@@ -48,8 +42,6 @@ class SDMGrad(GradientWeighting):
         - Lin and Zhang, "LibMTL: A Python Library for Multi-Task Learning",
           JMLR 2023 (`SDMGrad`, defaults).
     """
-
-    column_state = True
 
     def __init__(
         self,
@@ -77,31 +69,12 @@ class SDMGrad(GradientWeighting):
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
 
-    def build(self, task_names):
-        super().build(task_names)
-        self.simplex_weights = self.add_weight(
-            shape=(len(task_names),),
-            initializer=keras.initializers.Constant(1.0 / len(task_names)),
-            trainable=False,
-            name="simplex_weights",
-        )
-
-    def build_columns(self, group_sizes):
-        super().build_columns(group_sizes)
-        self.previous_jacobian = self.per_column_weight("previous_jacobian")
-
-    def aggregate(self, jacobian, losses, training=True, present=None):
-        self.checked_column_groups(jacobian)
-        present = presence(present, losses)
+    def step_weights(self, cross, weights, present):
         count = ops.maximum(ops.sum(present), 1.0)
-        previous = ops.convert_to_tensor(self.previous_jacobian)
-        cross = ops.matmul(previous, ops.transpose(jacobian))
         roots = ops.sqrt(ops.maximum(ops.diagonal(cross), 0.0))
         scale = ops.sum(roots * present) / count
         cross = cross / (ops.square(scale) + EPSILON)
         mean_row = ops.matmul(cross, present) / count
-        stored = ops.convert_to_tensor(self.simplex_weights)
-        weights = present_share(stored, present)
         velocity = ops.zeros_like(weights)
         for _ in range(self.iterations):
             gradient = ops.matmul(cross, weights) + self.regularization * mean_row
@@ -109,14 +82,13 @@ class SDMGrad(GradientWeighting):
             weights = project_to_simplex(
                 weights - self.learning_rate * velocity, present
             )
-        if training:
-            kept = ops.expand_dims(present, 1) > 0
-            self.previous_jacobian.assign(ops.where(kept, jacobian, previous))
-            self.simplex_weights.assign(ops.where(present > 0, weights, stored))
-        coefficients = (weights + self.regularization * present / count) / (
+        return weights
+
+    def coefficients(self, weights, present):
+        count = ops.maximum(ops.sum(present), 1.0)
+        return (weights + self.regularization * present / count) / (
             1.0 + self.regularization
         )
-        return ops.matmul(coefficients, jacobian), coefficients
 
     def get_config(self):
         return {

@@ -1,5 +1,6 @@
-"""Euclidean projection onto the probability simplex, in `keras.ops`."""
+"""Weights on the probability simplex: projection and state, in `keras.ops`."""
 
+import keras
 from keras import ops
 
 # Below every value that reaches the projection: absent tasks sort last.
@@ -42,3 +43,13 @@ def present_share(weights, present):
     (with every task present, they sum to 1 already).
     """
     return ops.divide_no_nan(weights * present, ops.sum(weights * present))
+
+
+def uniform_simplex_weight(method, name):
+    """Adds a non-trainable `(T,)` variable of weights on the simplex, all `1 / T`."""
+    return method.add_weight(
+        shape=(method.num_tasks,),
+        initializer=keras.initializers.Constant(1.0 / method.num_tasks),
+        trainable=False,
+        name=name,
+    )
