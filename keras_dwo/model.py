@@ -594,7 +594,16 @@ class DynamicWeightedModel(Trainer, keras.Model):
 
     def compute_task_losses(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a float32 `(T,)` tensor."""
-        return tasks.task_losses(
+        return ops.stack(self.compute_each_task_loss(y, y_pred, sample_weight))
+
+    def compute_each_task_loss(self, y, y_pred, sample_weight=None):
+        """Returns the unweighted task losses as a list of T float32 scalars.
+
+        For a step that differentiates each task loss on its own: on an eager
+        backend, a backward pass from one entry of the stacked vector also
+        runs through every other task's loss and head (with zeros).
+        """
+        return tasks.each_task_loss(
             self.loss_functions,
             self._for_each_task(self._by_output(y, "target")),
             self._for_each_task(self._by_output(y_pred, "output")),

@@ -243,21 +243,19 @@ def labelled(targets, sample_weights, missing_label):
     return result
 
 
-def task_losses(loss_functions, targets, predictions, sample_weights, missing_label):
-    """Returns the unweighted task losses as a float32 `(T,)` tensor.
+def each_task_loss(loss_functions, targets, predictions, sample_weights, missing_label):
+    """Returns the unweighted task losses: a list of T float32 scalars.
 
     With `missing_label`, each task loss is the mean over the samples that
     have its label.
     """
     if missing_label is None:
-        return ops.stack(
-            [
-                ops.cast(loss(target, prediction, weight), "float32")
-                for loss, target, prediction, weight in zip(
-                    loss_functions, targets, predictions, sample_weights
-                )
-            ]
-        )
+        return [
+            ops.cast(loss(target, prediction, weight), "float32")
+            for loss, target, prediction, weight in zip(
+                loss_functions, targets, predictions, sample_weights
+            )
+        ]
     values = []
     for loss, prediction, (target, weight, count) in zip(
         loss_functions, predictions, labelled(targets, sample_weights, missing_label)
@@ -269,7 +267,7 @@ def task_losses(loss_functions, targets, predictions, sample_weights, missing_la
             batch_size = ops.cast(ops.shape(weight)[0], "float32")
             value = value * ops.divide_no_nan(batch_size, count)
         values.append(value)
-    return ops.stack(values)
+    return values
 
 
 def presence_argument(label_counts):

@@ -50,17 +50,29 @@ def value_and_jacobian(function, variables, state=()):
     return vector.detach(), aux, _jacobian(vector, sources)
 
 
-def _jacobian(vector, sources):
-    """One `(T, ...)` tensor per source: the gradients of each entry of `vector`.
+def _jacobian(entries, sources, scales=None):
+    """One `(T, ...)` tensor per source: the gradients of each of T scalars.
 
     Filled entry by entry: one entry's gradients at a time besides them.
+
+    Args:
+        entries: The T scalar tensors (or a `(T,)` tensor). A backward pass
+            from an entry of a stacked vector runs through every stacked
+            scalar's graph, so the scalars themselves are cheaper: T passes
+            through T task heads each become T passes through one.
+        sources: The tensors to differentiate with respect to.
+        scales: None, or a `(T,)` tensor: row `i` is the gradient of
+            `scales[i] * entries[i]`.
     """
     rows = [
-        torch.empty((len(vector), *s.shape), dtype=s.dtype, device=s.device)
+        torch.zeros((len(entries), *s.shape), dtype=s.dtype, device=s.device)
         for s in sources
     ]
-    for index, entry in enumerate(vector):
-        for row, gradient in zip(rows, _gradients(entry, sources)):
+    for index, entry in enumerate(entries):
+        if not entry.requires_grad:
+            continue
+        scale = None if scales is None else scales[index]
+        for row, gradient in zip(rows, _gradients(entry, sources, grad_outputs=scale)):
             row[index] = gradient
     return rows
 
@@ -216,7 +228,9 @@ class TorchTrainer(StatefulTrainer):
             gradients = sum_over_processes(gradients)
         return objective, weights, gradients
 
-    def _combined_gradients(self, task_losses, label_counts, processes, trunk_output):
+    def _combined_gradients(
+        self, each_loss, own_losses, task_losses, label_counts, processes, trunk_output
+    ):
         plan = self.gradient_plan()
         variables = [v.value for v in self.trainable_variables]
         shared = [variables[i] for i in plan.shared_indices]
@@ -224,8 +238,14 @@ class TorchTrainer(StatefulTrainer):
         scaled_losses = self.optimizer.scale_loss(
             self.task_weights.value * task_losses / processes
         )
+        # Each task differentiated from its own loss (`each_loss`, stacked
+        # into `own_losses`), scaled as in `scaled_losses`: every map from
+        # the stacked losses to those is elementwise.
+        (scales,) = _gradients(
+            scaled_losses, [own_losses], grad_outputs=torch.ones_like(scaled_losses)
+        )
         sources = shared if trunk_output is None else trunk_output
-        task_gradients = _jacobian(scaled_losses, sources)
+        task_gradients = _jacobian(each_loss, sources, scales)
         aggregate = aggregate_blocks
         if processes > 1 and trunk_output is None:
             if self.weighting.weights_from_gram:
@@ -305,17 +325,22 @@ class TorchTrainer(StatefulTrainer):
             y_pred = self.outputs_like_model(plan.heads(trunk_output, training=True))
         else:
             y_pred = self(x, training=True)
+        each_loss = self.compute_each_task_loss(y, y_pred, sample_weight)
+        own_losses = torch.stack(each_loss)
         task_losses, label_counts, processes = self.global_task_losses(
-            self.compute_task_losses(y, y_pred, sample_weight),
-            self.count_task_labels(y, sample_weight),
-            x,
+            own_losses, self.count_task_labels(y, sample_weight), x
         )
         detached = task_losses.detach()
         state = self.weighting.non_trainable_variables
         previous = [v.value.clone() for v in state]
         if uses_task_gradients:
             objective, weights, gradients = self._combined_gradients(
-                task_losses, label_counts, processes, trunk_output
+                each_loss,
+                own_losses,
+                task_losses,
+                label_counts,
+                processes,
+                trunk_output,
             )
         else:
             objective, weights, gradients = self._objective_gradients(
