@@ -70,10 +70,20 @@ def value_and_jacobian(function, variables, state=()):
     return vector, aux, rows
 
 
-def _jacobian(tape, entries, sources):
-    """One `(T, ...)` tensor per source: the gradients of each entry."""
+def _jacobian(tape, entries, sources, scales=None):
+    """One `(T, ...)` tensor per source: the gradients of each of T scalars.
+
+    `scales`, if given, is a `(T,)` tensor: row `i` is the gradient of
+    `scales[i] * entries[i]`. Scalars that were stacked into a vector are
+    cheaper entries than the vector's slices, whose gradients run through
+    every stacked scalar's graph.
+    """
     rows = [
-        _zeros_for_none(tape.gradient(entry, sources), sources) for entry in entries
+        _zeros_for_none(
+            tape.gradient(entry, sources, None if scales is None else scales[index]),
+            sources,
+        )
+        for index, entry in enumerate(entries)
     ]
     return [tf.stack(per_entry) for per_entry in zip(*rows)]
 
@@ -206,22 +216,24 @@ class TensorFlowTrainer(StatefulTrainer):
                 y_pred = self.outputs_like_model(
                     plan.heads(representation, training=True)
                 )
+            each_loss = self.compute_each_task_loss(y, y_pred, sample_weight)
+            own_losses = tf.stack(each_loss)
             task_losses, label_counts, replicas = self.global_task_losses(
-                self.compute_task_losses(y, y_pred, sample_weight),
-                self.count_task_labels(y, sample_weight),
-                x,
+                own_losses, self.count_task_labels(y, sample_weight), x
             )
             scaled_losses = self.optimizer.scale_loss(
                 self.task_weights * task_losses / replicas
             )
-            # Sliced under the tape, so that each slice has a recorded path.
-            per_task_losses = tf.unstack(scaled_losses)
             # The same on every replica, whose gradients are not summed.
             regularization = self.regularization_loss()
             if regularization is not None:
                 regularization = self.optimizer.scale_loss(regularization)
+        # Each task differentiated from its own loss, scaled as in
+        # `scaled_losses`: every map from the stacked losses to those is
+        # elementwise.
+        scales = tape.gradient(scaled_losses, own_losses)
         sources = shared if plan.trunk is None else representation
-        task_gradients = _jacobian(tape, per_task_losses, sources)
+        task_gradients = _jacobian(tape, each_loss, sources, scales)
         if replicas > 1 and plan.trunk is None:
             task_gradients = context.all_reduce(
                 tf.distribute.ReduceOp.SUM, task_gradients
