@@ -256,3 +256,18 @@ def test_fit_lowers_every_task_loss(name):
     assert after["value_loss"] < 0.5 * before["value_loss"]
     for task in model.task_names:
         assert np.all(np.isfinite(history[f"{task}_weight"]))
+
+
+@pytest.mark.parametrize("method", every_on_torch(["upgrad", "pcgrad", "moco"]))
+def test_jit_compile_takes_the_steps_of_the_eager_step(method):
+    # On torch, `jit_compile=True` compiles the combination of the task
+    # gradients; on TensorFlow and JAX, Keras compiles the whole step.
+    expected, expected_history = trained_variables(method, run_eagerly=True)
+    actual, history = trained_variables(method, jit_compile=True)
+    for want, got in zip(expected, actual):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(history["loss"], expected_history["loss"], rtol=1e-5)
+    for task in ("label", "value"):
+        np.testing.assert_allclose(
+            history[f"{task}_weight"], expected_history[f"{task}_weight"], rtol=1e-5
+        )

@@ -134,6 +134,13 @@ class TorchTrainer(StatefulTrainer):
     graph, then one through the task-specific part. The step is applied only
     if `step_is_finite`; otherwise the method's state is put back.
 
+    The steps run eagerly. With `jit_compile=True`, the method's combination
+    of the task gradients is compiled with `torch.compile` (once per number
+    of tasks and shape of the shared variables), the part of the step where
+    it pays: the whole step, compiled as Keras compiles a plain model's,
+    breaks into graphs at its per-task backward passes and host checks and
+    is no faster.
+
     When a `torch.distributed` process group is initialized (one process per
     device, as `torchrun` starts them), the processes train data-parallel,
     each on its own shard of every batch: the task losses are combined over
@@ -147,6 +154,18 @@ class TorchTrainer(StatefulTrainer):
     `DistributedDataParallel` is not used: its hooks do not fire in a step
     that calls `torch.autograd.grad`.
     """
+
+    def _should_torch_compile(self):
+        # Keras's `torch.compile` of the whole step: see the class docstring.
+        return False
+
+    def _combination(self, processes):
+        """`combine_task_gradients`, compiled with `jit_compile=True`."""
+        if not self.jit_compile or processes > 1:
+            return self.combine_task_gradients
+        if getattr(self, "_compiled_combination", None) is None:
+            self._compiled_combination = torch.compile(self.combine_task_gradients)
+        return self._compiled_combination
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self._copied_from_first_process = False
@@ -261,7 +280,7 @@ class TorchTrainer(StatefulTrainer):
         objective, _ = self.compute_objective(
             task_losses.detach(), label_counts=label_counts
         )
-        combined, weights, head_weights = self.combine_task_gradients(
+        combined, weights, head_weights = self._combination(processes)(
             task_gradients, task_losses.detach(), label_counts, aggregate
         )
         if trunk_output is not None:
