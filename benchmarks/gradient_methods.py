@@ -42,7 +42,8 @@ tables give medians over the rounds. Each T is measured in its own block of
 rounds, so milliseconds compare across methods within a column, not across
 columns, on a machine whose load changes. Everything runs in one process. On the
 PyTorch backend the script calls `torch.set_num_threads(1)`, which is faster
-for networks this small on CPU.
+for networks this small on CPU, and compiles our models with
+`jit_compile=True` (the combination of the task gradients, `torch.compile`).
 
 `--many` measures many tasks: T = 16, 32 and 64, the gradient-level methods
 (and `equal`, the denominator) except PCGrad and GradVac, 2 steps per
@@ -728,6 +729,10 @@ def main():
         import torch
 
         torch.set_num_threads(1)
+        # Each method and T compiles its combination once (`jit_compile`);
+        # PyTorch keeps 8 compilations of a function per process by default
+        # and runs the rest eagerly.
+        torch._dynamo.config.recompile_limit = 1024
     print(
         f"keras {keras.__version__}, backend {backend} {backend_version(backend)}, "
         f"keras-dwo {package_version('keras-dwo')}, "

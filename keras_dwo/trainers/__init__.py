@@ -26,17 +26,17 @@ import keras
 _BACKEND = keras.backend.backend()
 
 if _BACKEND == "tensorflow":
-    from keras_dwo.trainers.finite import values_are_finite
     from keras_dwo.trainers.tensorflow import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.tensorflow import TensorFlowTrainer as Trainer
     from keras_dwo.trainers.tensorflow import run_if
     from keras_dwo.trainers.tensorflow import value_and_jacobian
+    from keras_dwo.trainers.tensorflow import values_are_finite
 elif _BACKEND == "jax":
-    from keras_dwo.trainers.finite import values_are_finite
     from keras_dwo.trainers.jax import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.jax import JAXTrainer as Trainer
     from keras_dwo.trainers.jax import run_if
     from keras_dwo.trainers.jax import value_and_jacobian
+    from keras_dwo.trainers.jax import values_are_finite
 elif _BACKEND == "torch":
     from keras_dwo.trainers.torch import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.torch import TorchTrainer as Trainer

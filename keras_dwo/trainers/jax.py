@@ -80,6 +80,16 @@ def value_and_jacobian(function, variables, state=()):
     return vector, aux, list(rows)
 
 
+def values_are_finite(values):
+    """Whether every float tensor in `values` is finite: a boolean array."""
+    checks = [
+        jnp.all(jnp.isfinite(value))
+        for value in map(jnp.asarray, values)
+        if jnp.issubdtype(value.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def run_if(condition, function):
     """Runs `function()` if the scalar boolean `condition` is true (eagerly)."""
     if bool(condition):

@@ -88,6 +88,27 @@ def _jacobian(tape, entries, sources, scales=None):
     return [tf.stack(per_entry) for per_entry in zip(*rows)]
 
 
+def values_are_finite(values):
+    """Whether every float tensor in `values` is finite: a boolean tensor.
+
+    Each tensor times zero is zero where it is finite and NaN elsewhere, so
+    one sum of those products is finite exactly when every entry is (no
+    overflow: every term is 0 or NaN). TensorFlow's executor, which runs
+    each op of a CPU step on its own, runs a multiply and a sum per tensor
+    faster than an `isfinite` and an `all` (measured on the step of
+    benchmarks/overhead.py); XLA on JAX is faster with the latter.
+    """
+    values = [tf.convert_to_tensor(value) for value in values]
+    sums = [
+        tf.reduce_sum(tf.cast(value, tf.float32) * 0.0)
+        for value in values
+        if value.dtype.is_floating
+    ]
+    if not sums:
+        return tf.constant(True)
+    return tf.math.is_finite(tf.add_n(sums))
+
+
 def run_if(condition, function):
     """Runs `function()` if the scalar boolean tensor `condition` is true."""
 
