@@ -15,9 +15,7 @@ MAX_ABS_LOG_VARIANCE = 20.0
 class Bounded(keras.constraints.Constraint):
     """Clips every entry of a variable into `[min_value, max_value]`.
 
-    Keras optimizers apply a variable's constraint after each update. The
-    gradient of the clipped value is that of the identity inside the range,
-    bounds included, and 0 outside it.
+    Keras optimizers apply a variable's constraint after each update.
 
     Args:
         min_value: Lower bound.
@@ -29,11 +27,19 @@ class Bounded(keras.constraints.Constraint):
         self.max_value = float(max_value)
 
     def __call__(self, w):
-        w = ops.convert_to_tensor(w)
+        return ops.clip(w, self.min_value, self.max_value)
+
+    def differentiable_clip(self, x):
+        """Clips `x`, with a gradient of 1 inside the bounds and at them.
+
+        `ops.clip`'s gradient is 0.5 at a bound on JAX, where a variable
+        that the constraint clipped sits; outside the bounds it is 0.
+        """
+        x = ops.convert_to_tensor(x)
         return ops.where(
-            w < self.min_value,
+            x < self.min_value,
             self.min_value,
-            ops.where(w > self.max_value, self.max_value, w),
+            ops.where(x > self.max_value, self.max_value, x),
         )
 
     def get_config(self):
@@ -128,12 +134,21 @@ class UncertaintyWeighting(keras.layers.Layer):
 
     def bounded_log_variances(self):
         """Returns the log-variances `s_i`, clipped into their bounds."""
-        return self.log_variance_bounds(self.log_variances)
+        return self.log_variance_bounds.differentiable_clip(self.log_variances)
 
-    def precisions(self):
-        """Returns the effective weights `a_i exp(-s_i)` of the task losses."""
+    def precisions(self, log_variances=None):
+        """Returns the effective weights `a_i exp(-s_i)` of the task losses.
+
+        Args:
+            log_variances: The clipped log-variances, where already at hand.
+        """
+        if log_variances is None:
+            log_variances = self.bounded_log_variances()
+        precisions = ops.exp(-log_variances)
+        if self.regression is None:
+            return precisions
         scale, _ = self.loss_factors()
-        return scale * ops.exp(-self.bounded_log_variances())
+        return scale * precisions
 
     def objective_and_precisions(self, losses, present=None):
         """Returns the combined loss and the precisions it weighs losses by.
@@ -143,11 +158,12 @@ class UncertaintyWeighting(keras.layers.Layer):
             present: Optional `(T,)` 0/1 mask; a task marked 0 has no label in
                 the batch, and its log-variance gets no gradient.
         """
-        _, log_variance_factor = self.loss_factors()
-        precisions = self.precisions()
-        terms = precisions * losses + log_variance_factor * (
-            self.bounded_log_variances()
-        )
+        log_variances = self.bounded_log_variances()
+        precisions = self.precisions(log_variances)
+        if self.regression is not None:
+            _, log_variance_factor = self.loss_factors()
+            log_variances = log_variance_factor * log_variances
+        terms = precisions * losses + log_variances
         if present is not None:
             terms = ops.cast(present, terms.dtype) * terms
         return ops.sum(terms), precisions

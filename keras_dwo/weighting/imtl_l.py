@@ -47,6 +47,6 @@ class IMTLL(LossWeighting):
 
     def call(self, losses, training=False, present=None):
         present = presence(present, losses)
-        log_scales = self.loss_scale_bounds(self.loss_scales)
+        log_scales = self.loss_scale_bounds.differentiable_clip(self.loss_scales)
         scales = ops.exp(log_scales)
         return ops.sum(present * (scales * losses - log_scales)), present * scales
