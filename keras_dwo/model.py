@@ -599,9 +599,9 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def compute_each_task_loss(self, y, y_pred, sample_weight=None):
         """Returns the unweighted task losses as a list of T float32 scalars.
 
-        For a step that differentiates each task loss on its own: on an eager
-        backend, a backward pass from one entry of the stacked vector also
-        runs through every other task's loss and head (with zeros).
+        For a step that differentiates each task loss on its own: on torch
+        and TensorFlow, a backward pass from one entry of the stacked vector
+        also runs through every other task's loss and head (with zeros).
         """
         return tasks.each_task_loss(
             self.loss_functions,
