@@ -90,40 +90,46 @@ def simplex_projection(values):
     return np.maximum(values - (cumulative[rho] - 1) / (rho + 1), 0.0)
 
 
-def modo_reference(cases, gamma=0.001, rho=0.1):
-    num_tasks = len(cases[0][0])
-    previous = np.zeros_like(cases[0][0], "float64")
-    lambdas = np.ones(num_tasks) / num_tasks
-    directions = []
-    for jacobian, _ in cases:
-        current = jacobian.astype("float64")
-        lambdas = simplex_projection(
-            lambdas - gamma * (previous @ (current.T @ lambdas) + rho * lambdas)
-        )
-        directions.append(current.T @ lambdas)
-        previous = current
-    return directions, previous
-
-
-def sdmgrad_reference(cases, regularization=0.3, iterations=20):
+def double_sampling_reference(cases, step):
+    """Directions and final state of a method that pairs each Jacobian with
+    the previous step's; `step(previous, current, weights)` returns the new
+    simplex weights and the direction."""
     num_tasks = len(cases[0][0])
     previous = np.zeros_like(cases[0][0], "float64")
     weights = np.ones(num_tasks) / num_tasks
     directions = []
     for jacobian, _ in cases:
         current = jacobian.astype("float64")
+        weights, direction = step(previous, current, weights)
+        directions.append(direction)
+        previous = current
+    return directions, previous
+
+
+def modo_reference(cases, gamma=0.001, rho=0.1):
+    def step(previous, current, lambdas):
+        lambdas = simplex_projection(
+            lambdas - gamma * (previous @ (current.T @ lambdas) + rho * lambdas)
+        )
+        return lambdas, current.T @ lambdas
+
+    return double_sampling_reference(cases, step)
+
+
+def sdmgrad_reference(cases, regularization=0.3, iterations=20):
+    def step(previous, current, weights):
         cross = previous @ current.T
         scale = np.mean(np.sqrt(np.maximum(np.diag(cross), 0.0)))
         cross = cross / (scale**2 + 1e-8)
         mean_row = cross.mean(axis=1)
-        velocity = np.zeros(num_tasks)
+        velocity = np.zeros(len(weights))
         for _ in range(iterations):
             velocity = 0.5 * velocity + cross @ weights + regularization * mean_row
             weights = simplex_projection(weights - 5.0 * velocity)
         direction = weights @ current + regularization * current.mean(axis=0)
-        directions.append(direction / (1 + regularization))
-        previous = current
-    return directions, previous
+        return weights, direction / (1 + regularization)
+
+    return double_sampling_reference(cases, step)
 
 
 REFERENCES = {
