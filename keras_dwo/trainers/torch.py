@@ -1,5 +1,6 @@
 """The PyTorch training step."""
 
+import contextlib
 import inspect
 import math
 
@@ -14,6 +15,14 @@ from keras_dwo.trainers.stateful import StatefulTrainer
 from keras_dwo.trainers.stateful import replicas_task_losses
 from keras_dwo.trainers.torch_processes import process_count
 from keras_dwo.trainers.torch_processes import sum_over_processes
+
+# A gradient-level step differentiates each task's loss apart; through a
+# compiled forward pass every such backward pass runs through all the task
+# heads and losses, which costs more than compiling saves beyond a few tasks.
+# Measured on benchmarks/gradient_methods.py's 64-512-512 trunk with one-unit
+# heads (per-task gradients with the forward pass compiled / eager): 0.82 at
+# T = 2, 0.86 at 4, 1.00 at 8, 1.44 at 32.
+MOST_TASKS_WITH_COMPILED_FORWARD = 4
 
 
 def _gradients(target, sources, **kwargs):
@@ -71,10 +80,36 @@ def _jacobian(entries, sources, scales=None):
     for index, entry in enumerate(entries):
         if not entry.requires_grad:
             continue
-        scale = None if scales is None else scales[index]
-        for row, gradient in zip(rows, _gradients(entry, sources, grad_outputs=scale)):
-            row[index] = gradient
+        gradients = torch.autograd.grad(
+            entry,
+            sources,
+            grad_outputs=None if scales is None else scales[index],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for row, gradient in zip(rows, gradients):
+            # None: the entry does not depend on the source (another task's head).
+            if gradient is not None:
+                row[index] = gradient
     return rows
+
+
+@contextlib.contextmanager
+def _retainable_compiled_graphs():
+    """Compiles backward passes that allow the graph to be retained.
+
+    A compiled backward pass may reuse ("donate") the buffers it saved,
+    which it allows only for a graph that is not retained, and PyTorch may
+    compile it at the first backward pass (for a new shape); the per-task
+    backward passes retain the graph.
+    """
+    config = torch._functorch.config
+    donated = config.donated_buffer
+    config.donated_buffer = False
+    try:
+        yield
+    finally:
+        config.donated_buffer = donated
 
 
 def values_are_finite(values):
@@ -134,12 +169,17 @@ class TorchTrainer(StatefulTrainer):
     graph, then one through the task-specific part. The step is applied only
     if `step_is_finite`; otherwise the method's state is put back.
 
-    The steps run eagerly. With `jit_compile=True`, the method's combination
-    of the task gradients is compiled with `torch.compile` (once per number
-    of tasks and shape of the shared variables), the part of the step where
-    it pays: the whole step, compiled as Keras compiles a plain model's,
-    breaks into graphs at its per-task backward passes and host checks and
-    is no faster.
+    The steps run eagerly. With `jit_compile=True`, parts of the step are
+    compiled with `torch.compile` (and compiled again by PyTorch for a new
+    shape): the method's combination of the task gradients, and the forward
+    pass with the task losses for a loss-level method or a gradient-level
+    one with at most `MOST_TASKS_WITH_COMPILED_FORWARD` tasks (with
+    `wrt="representation"`, the trunk and the heads apart, since the step
+    differentiates with respect to the trunk's outputs). Through a compiled
+    forward pass the task-specific gradients come from the per-task passes.
+    The whole step, compiled as Keras compiles a plain model's, breaks into
+    graphs at its per-task backward passes and host checks and is no
+    faster.
 
     When a `torch.distributed` process group is initialized (one process per
     device, as `torchrun` starts them), the processes train data-parallel,
@@ -159,13 +199,36 @@ class TorchTrainer(StatefulTrainer):
         # Keras's `torch.compile` of the whole step: see the class docstring.
         return False
 
-    def _combination(self, processes):
-        """`combine_task_gradients`, compiled with `jit_compile=True`."""
-        if not self.jit_compile or processes > 1:
-            return self.combine_task_gradients
-        if getattr(self, "_compiled_combination", None) is None:
-            self._compiled_combination = torch.compile(self.combine_task_gradients)
-        return self._compiled_combination
+    def _compiled(self, method):
+        """`method` (a bound method) under `torch.compile`, compiled once."""
+        compiled = self.__dict__.setdefault("_torch_compiled", {})
+        if method.__name__ not in compiled:
+            compiled[method.__name__] = torch.compile(method)
+        return compiled[method.__name__]
+
+    def _compiles(self):
+        # With several processes the steps run eagerly.
+        return bool(self.jit_compile) and process_count() == 1
+
+    def _compiles_forward(self, uses_task_gradients):
+        """Whether this step's forward pass and task losses are compiled."""
+        if not self._compiles():
+            return False
+        return (
+            not uses_task_gradients
+            or len(self.task_names) <= MOST_TASKS_WITH_COMPILED_FORWARD
+        )
+
+    def _outputs_and_losses(self, inputs, y, sample_weight, model):
+        """`model`'s outputs on `inputs` and each task's loss on them."""
+        y_pred = model(inputs, training=True)
+        if model is not self:
+            y_pred = self.outputs_like_model(y_pred)
+        return y_pred, self.compute_each_task_loss(y, y_pred, sample_weight)
+
+    def _representation(self, x):
+        """The gradient plan's trunk's outputs on `x`, flattened."""
+        return keras.tree.flatten(self.gradient_plan().trunk(x, training=True))
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self._copied_from_first_process = False
@@ -248,7 +311,14 @@ class TorchTrainer(StatefulTrainer):
         return objective, weights, gradients
 
     def _combined_gradients(
-        self, each_loss, own_losses, task_losses, label_counts, processes, trunk_output
+        self,
+        each_loss,
+        own_losses,
+        task_losses,
+        label_counts,
+        processes,
+        trunk_output,
+        compiled_forward,
     ):
         plan = self.gradient_plan()
         variables = [v.value for v in self.trainable_variables]
@@ -264,7 +334,13 @@ class TorchTrainer(StatefulTrainer):
             scaled_losses, [own_losses], grad_outputs=torch.ones_like(scaled_losses)
         )
         sources = shared if trunk_output is None else trunk_output
-        task_gradients = _jacobian(each_loss, sources, scales)
+        # Through a forward pass compiled into one node, a backward pass of
+        # their own for the task-specific variables would run through the
+        # whole graph again: their rows come from the tasks' passes instead.
+        rows = _jacobian(
+            each_loss, sources + (others if compiled_forward else []), scales
+        )
+        task_gradients, other_rows = rows[: len(sources)], rows[len(sources) :]
         aggregate = aggregate_blocks
         if processes > 1 and trunk_output is None:
             if self.weighting.weights_from_gram:
@@ -280,14 +356,25 @@ class TorchTrainer(StatefulTrainer):
         objective, _ = self.compute_objective(
             task_losses.detach(), label_counts=label_counts
         )
-        combined, weights, head_weights = self._combination(processes)(
+        combination = self.combine_task_gradients
+        if self._compiles():
+            combination = self._compiled(combination)
+        combined, weights, head_weights = combination(
             task_gradients, task_losses.detach(), label_counts, aggregate
         )
         if trunk_output is not None:
             if processes > 1:
                 combined = [c[start : start + size] for c in combined]
             combined = _gradients(trunk_output, shared, grad_outputs=combined)
-        other_gradients = _gradients(scaled_losses, others, grad_outputs=head_weights)
+        if compiled_forward:
+            other_gradients = [
+                torch.tensordot(head_weights.to(row.dtype), row, dims=1)
+                for row in other_rows
+            ]
+        else:
+            other_gradients = _gradients(
+                scaled_losses, others, grad_outputs=head_weights
+            )
         if processes > 1 and trunk_output is None:
             other_gradients = sum_over_processes(other_gradients)
         elif processes > 1:
@@ -333,18 +420,31 @@ class TorchTrainer(StatefulTrainer):
         self._copied_from_first_process = True
 
     def train_step(self, data):
+        if not self._compiles():
+            return self._train_step(data)
+        with _retainable_compiled_graphs():
+            return self._train_step(data)
+
+    def _train_step(self, data):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
         if process_count() > 1:
             self._copy_from_first_process()
         uses_task_gradients = self.uses_task_gradients()
+        compiles_forward = self._compiles_forward(uses_task_gradients)
+        representation, outputs_and_losses = (
+            self._representation,
+            self._outputs_and_losses,
+        )
+        if compiles_forward:
+            # The trunk apart: the steps differentiate with respect to its outputs.
+            representation = self._compiled(representation)
+            outputs_and_losses = self._compiled(outputs_and_losses)
         trunk_output = None
+        inputs, model = x, self
         if uses_task_gradients and self.gradient_plan().trunk is not None:
-            plan = self.gradient_plan()
-            trunk_output = keras.tree.flatten(plan.trunk(x, training=True))
-            y_pred = self.outputs_like_model(plan.heads(trunk_output, training=True))
-        else:
-            y_pred = self(x, training=True)
-        each_loss = self.compute_each_task_loss(y, y_pred, sample_weight)
+            trunk_output = representation(x)
+            inputs, model = trunk_output, self.gradient_plan().heads
+        y_pred, each_loss = outputs_and_losses(inputs, y, sample_weight, model)
         own_losses = torch.stack(each_loss)
         task_losses, label_counts, processes = self.global_task_losses(
             own_losses, self.count_task_labels(y, sample_weight), x
@@ -360,6 +460,7 @@ class TorchTrainer(StatefulTrainer):
                 label_counts,
                 processes,
                 trunk_output,
+                compiles_forward,
             )
         else:
             objective, weights, gradients = self._objective_gradients(
