@@ -43,7 +43,8 @@ rounds, so milliseconds compare across methods within a column, not across
 columns, on a machine whose load changes. Everything runs in one process. On the
 PyTorch backend the script calls `torch.set_num_threads(1)`, which is faster
 for networks this small on CPU, and compiles our models with
-`jit_compile=True` (the combination of the task gradients, `torch.compile`).
+`jit_compile=True` (`torch.compile` of the combination of the task
+gradients, and of the forward pass with the task losses up to four tasks).
 
 `--many` measures many tasks: T = 16, 32 and 64, the gradient-level methods
 (and `equal`, the denominator) except PCGrad and GradVac, 2 steps per
