@@ -291,3 +291,35 @@ def test_jit_compile_takes_the_steps_of_the_eager_step(method):
         np.testing.assert_allclose(
             history[f"{task}_weight"], expected_history[f"{task}_weight"], rtol=1e-5
         )
+
+
+@pytest.mark.parametrize(
+    "method", every_on_torch(["uncertainty", "upgrad", "mgda_ub"], elsewhere=["upgrad"])
+)
+def test_jit_compile_with_batch_normalization_takes_the_eager_steps(method):
+    # BatchNormalization assigns its moving statistics in the forward pass,
+    # which splits a compiled forward pass into pieces on torch.
+    def trained(**compile_kwargs):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(shape=(6,))
+        hidden = keras.layers.Dense(16, activation="relu", name="trunk")(inputs)
+        hidden = keras.layers.BatchNormalization(name="norm")(hidden)
+        outputs = {
+            "label": keras.layers.Dense(3, activation="softmax", name="label")(hidden),
+            "value": keras.layers.Dense(1, name="value")(hidden),
+        }
+        model = keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=method)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01),
+            loss=TWO_TASK_LOSSES,
+            **compile_kwargs,
+        )
+        x, y = two_task_data(120)
+        history = model.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0)
+        return variable_values(model.variables), history.history["loss"]
+
+    expected, expected_loss = trained(run_eagerly=True)
+    actual, loss = trained(jit_compile=True)
+    for want, got in zip(expected, actual):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
