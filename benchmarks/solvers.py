@@ -242,9 +242,16 @@ def measure_solves(num_tasks, args, jit_compile, failures):
 def measure_crossover(num_tasks, args, jit_compile, failures):
     """Part D for `num_tasks` tasks: `{(path, solver): median seconds per call}`."""
     gram = gram_of(synthetic_jacobian(num_tasks, trunk_size()))
+
+    def traced_apart(function):
+        # The path is chosen when the call is traced, and `jax.jit` shares
+        # the traces of one Python function among its wrappers: each path
+        # compiles a function of its own.
+        return lambda *arguments: function(*arguments)
+
     factories = {
         (path, name): lambda function=function, limit=limit: call_runner(
-            compiled(function, jit_compile), (gram,), limit
+            compiled(traced_apart(function), jit_compile), (gram,), limit
         )
         for name, function in solver_functions().items()
         for path, limit in PATHS.items()
