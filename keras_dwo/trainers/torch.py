@@ -311,14 +311,7 @@ class TorchTrainer(StatefulTrainer):
         return objective, weights, gradients
 
     def _combined_gradients(
-        self,
-        each_loss,
-        own_losses,
-        task_losses,
-        label_counts,
-        processes,
-        trunk_output,
-        compiled_forward,
+        self, each_loss, own_losses, task_losses, label_counts, processes, trunk_output
     ):
         plan = self.gradient_plan()
         variables = [v.value for v in self.trainable_variables]
@@ -337,6 +330,7 @@ class TorchTrainer(StatefulTrainer):
         # Through a forward pass compiled into one node, a backward pass of
         # their own for the task-specific variables would run through the
         # whole graph again: their rows come from the tasks' passes instead.
+        compiled_forward = self._compiles_forward(uses_task_gradients=True)
         rows = _jacobian(
             each_loss, sources + (others if compiled_forward else []), scales
         )
@@ -460,7 +454,6 @@ class TorchTrainer(StatefulTrainer):
                 label_counts,
                 processes,
                 trunk_output,
-                compiles_forward,
             )
         else:
             objective, weights, gradients = self._objective_gradients(
