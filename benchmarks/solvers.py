@@ -21,11 +21,21 @@ less than one backward pass on JAX.
 Part D: the crossover of the two exact solvers of
 `keras_dwo.weighting.min_norm`, face enumeration (`2^T` batched solves) and
 the active-set method (`nonnegative_min`, a loop of single solves), for the
-three solvers above and T = 2 to 12. Each path is forced by setting
-`min_norm.ENUMERATION_MAX_TASKS` (to 64 for the enumeration, to 0 for the
-active set) around every call, which on JAX and TensorFlow is when the call is
+three solvers above and T = 2 to 12. Each path is forced by replacing
+`min_norm.enumeration_max_tasks` (64 for the enumeration, 0 for the active
+set) around every call, which on JAX and TensorFlow is when the call is
 traced. The table gives both times and the first T from which the active set
-is faster at every larger T measured.
+is faster at every larger T measured: `min_norm.ENUMERATION_MAX_TASKS` (op
+by op: torch, TensorFlow without XLA) and `min_norm.XLA_ENUMERATION_MAX_TASKS`
+(JAX, TensorFlow with `--jit-compile true`) come from it.
+
+Part E (JAX, and TensorFlow with `--jit-compile true`): what the threshold
+does to a whole training step. The step of the network of
+`benchmarks/gradient_methods.py` (default sizes) with MGDA, UPGrad and CAGrad
+at T = 4, 6, 8 and 10, traced once with the solvers enumerating up to
+`min_norm.ENUMERATION_MAX_TASKS` tasks (the op-by-op limit) and once with the
+backend's own (`min_norm.enumeration_max_tasks()`), measured side by side.
+At T = 4 both enumerate: its ratios are the noise of the run.
 
 The Jacobian has rows `(s_i (-1)^i c + n_i) / sqrt(P)`, with `c` and the
 `n_i` standard normal and the scales `s_i` uniform in [0.5, 2]: gradients of
@@ -49,6 +59,8 @@ Run it from the repository root, once per backend:
     KERAS_BACKEND=torch python benchmarks/solvers.py
     KERAS_BACKEND=tensorflow python benchmarks/solvers.py --part C
     KERAS_BACKEND=jax python benchmarks/solvers.py --part D --steps 50
+    KERAS_BACKEND=tensorflow python benchmarks/solvers.py --part D --jit-compile true
+    KERAS_BACKEND=jax python benchmarks/solvers.py --part E --steps 10 --rounds 15
 
 A run of both parts takes about 5 minutes per backend on a 2-core machine.
 """
@@ -78,8 +90,11 @@ SOLVE_TASKS = (2, 4, 8, 16, 32, 40, 64)
 SOLVE_METHODS = ("mgda", "upgrad", "cagrad")
 CROSSOVER_TASKS = tuple(range(2, 13))
 TARGET_TASKS = 40
-# The value of `min_norm.ENUMERATION_MAX_TASKS` that forces each path.
+# The most tasks enumerated that forces each path.
 PATHS = {"enumeration": 64, "active set": 0}
+STEP_TASKS = (4, 6, 8, 10)
+# The most tasks enumerated in each column of Part E (None: the backend's).
+STEP_LIMITS = {"op-by-op limit": "op_by_op", "own limit": None}
 CAGRAD_C = 0.5
 # The solver of each method, on the `(T, T)` Gram matrix.
 SOLVER_OF = {
@@ -145,16 +160,16 @@ def wait(result):
 
 @contextlib.contextmanager
 def enumeration_limit(limit):
-    """Sets `min_norm.ENUMERATION_MAX_TASKS` to `limit` (None: unchanged)."""
+    """Makes the solvers enumerate up to `limit` tasks (None: unchanged)."""
     from keras_dwo.weighting import min_norm
 
-    saved = min_norm.ENUMERATION_MAX_TASKS
+    saved = min_norm.enumeration_max_tasks
     if limit is not None:
-        min_norm.ENUMERATION_MAX_TASKS = limit
+        min_norm.enumeration_max_tasks = lambda: limit
     try:
         yield
     finally:
-        min_norm.ENUMERATION_MAX_TASKS = saved
+        min_norm.enumeration_max_tasks = saved
 
 
 def call_runner(function, arguments, limit=None):
@@ -255,6 +270,35 @@ def measure_crossover(num_tasks, args, jit_compile, failures):
         )
         for name, function in solver_functions().items()
         for path, limit in PATHS.items()
+    }
+    return measure_block(num_tasks, factories, args, failures)
+
+
+def measure_steps(num_tasks, args, jit_compile, failures):
+    """Part E for `num_tasks` tasks: `{(limit, method): median seconds per step}`."""
+    from gradient_methods import FULL
+    from gradient_methods import build_keras_model
+    from gradient_methods import keras_batch
+    from gradient_methods import synthetic_batch
+    from overhead import step_runner
+
+    from keras_dwo.weighting import min_norm
+
+    batch = keras_batch(*synthetic_batch(num_tasks, FULL))
+
+    def traced_with(limit, method):
+        model = build_keras_model(method, num_tasks, FULL)
+        model.jit_compile = jit_compile
+        if limit == "op_by_op":
+            limit = min_norm.ENUMERATION_MAX_TASKS
+        with enumeration_limit(limit):
+            # The runner traces the step as it warms up.
+            return step_runner(model, batch)
+
+    factories = {
+        (label, method): lambda limit=limit, method=method: traced_with(limit, method)
+        for method in SOLVER_OF
+        for label, limit in STEP_LIMITS.items()
     }
     return measure_block(num_tasks, factories, args, failures)
 
@@ -360,6 +404,19 @@ def part_d(results, tasks, failures):
     return "\n\n".join(sections)
 
 
+def part_e(results, tasks, failures):
+    rows = [
+        [t, method]
+        + [milliseconds(results, t, (label, method), failures) for label in STEP_LIMITS]
+        + [ratio(results, t, *[(label, method) for label in reversed(STEP_LIMITS)])]
+        for t in tasks
+        for method in SOLVER_OF
+    ]
+    return "Median ms per step:\n\n" + markdown_table(
+        ["T", "method", *STEP_LIMITS, "own / op-by-op"], rows
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n", 1)[0],
@@ -367,9 +424,9 @@ def main():
     )
     parser.add_argument(
         "--part",
-        choices=("C", "D", "both"),
+        choices=("C", "D", "E", "both"),
         default="both",
-        help="Which part to run (default: both).",
+        help="Which part to run (default: both, C and D).",
     )
     parser.add_argument(
         "--solve-tasks",
@@ -386,6 +443,13 @@ def main():
         help="Numbers of tasks of Part D (default: 2 to 12).",
     )
     parser.add_argument(
+        "--step-tasks",
+        type=int,
+        nargs="+",
+        default=list(STEP_TASKS),
+        help="Numbers of tasks of Part E (default: 4 6 8 10).",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         default=list(SOLVE_METHODS),
@@ -397,9 +461,16 @@ def main():
     parser.add_argument(
         "--rounds", type=int, default=9, help="Timed rounds (default: 9)."
     )
+    parser.add_argument(
+        "--jit-compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="TensorFlow: compile with XLA or not (default: auto, what the "
+        "model's `compile` resolves: off on a CPU-only machine).",
+    )
     parser.add_argument("--json", metavar="PATH", help="Also write the medians here.")
     args = parser.parse_args()
-    tasks = args.solve_tasks + args.crossover_tasks
+    tasks = args.solve_tasks + args.crossover_tasks + args.step_tasks
     if min(tasks) < 2 or args.steps < 1 or args.rounds < 1:
         parser.error(
             "Numbers of tasks must be at least 2, --steps and --rounds positive."
@@ -414,7 +485,9 @@ def main():
         import torch
 
         torch.set_num_threads(1)
-    jit_compile = step_jit_compile()
+    jit_compile = (
+        step_jit_compile() if args.jit_compile == "auto" else args.jit_compile == "true"
+    )
     print(
         f"keras {keras.__version__}, backend {backend} {backend_version(backend)}, "
         f"keras-dwo {package_version('keras-dwo')}; P={trunk_size()}, "
@@ -423,8 +496,11 @@ def main():
         flush=True,
     )
 
-    parts = {"C": (measure_solves, args.solve_tasks), "D": (measure_crossover,)}
-    parts["D"] += (args.crossover_tasks,)
+    parts = {
+        "C": (measure_solves, args.solve_tasks),
+        "D": (measure_crossover, args.crossover_tasks),
+        "E": (measure_steps, args.step_tasks),
+    }
     selected = ("C", "D") if args.part == "both" else (args.part,)
     results, failures = {}, {}
     for part in selected:
@@ -444,6 +520,9 @@ def main():
     if "D" in results:
         print(f"\n## Part D: enumeration against active set on {backend}\n")
         print(part_d(results["D"], args.crossover_tasks, failures))
+    if "E" in results:
+        print(f"\n## Part E: training step with each threshold on {backend}\n")
+        print(part_e(results["E"], args.step_tasks, failures))
     for (num_tasks, *label), trace in failures.items():
         print(f"\n### {' '.join(label)}, T={num_tasks} failed\n\n```\n{trace}```")
 

@@ -80,8 +80,14 @@ upgrad_duals = compiled(
     functools.partial(min_norm.lower_bounded_min_norm, ridge=upgrad.FLOOR)
 )
 nonnegative_min = compiled(min_norm.nonnegative_min)
-enumerated_worst_case = compiled(worst_case_weights)
+cagrad_dual = compiled(worst_case_weights)
 searched_worst_case = compiled(bracketed_worst_case_weights)
+
+
+def enumerating(monkeypatch, function):
+    """`function`, compiled anew, with the solvers enumerating faces at any T."""
+    monkeypatch.setattr(min_norm, "enumeration_max_tasks", lambda: 64)
+    return compiled(lambda *arguments, **keywords: function(*arguments, **keywords))
 
 
 def generated_jacobian(num_tasks, kind, seed=0, size=48):
@@ -193,11 +199,48 @@ def test_active_set_meets_the_kkt_conditions(num_tasks, kind):
         assert_nonnegative_kkt(row, to_numpy(gram), q)
 
 
-def test_active_set_agrees_with_the_enumeration():
+def enumeration_limits():
+    """`min_norm.enumeration_max_tasks()` eagerly and in each compiled step."""
+    if BACKEND == "jax":
+        import jax
+
+        compiled_limit = jax.jit(
+            lambda: keras.ops.convert_to_tensor(min_norm.enumeration_max_tasks())
+        )
+        return {"eager": min_norm.enumeration_max_tasks(), "xla": int(compiled_limit())}
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        def limit():
+            return tf.constant(min_norm.enumeration_max_tasks())
+
+        return {
+            "eager": min_norm.enumeration_max_tasks(),
+            "graph": int(tf.function(limit)()),
+            "xla": int(tf.function(limit, jit_compile=True)()),
+        }
+    return {"eager": min_norm.enumeration_max_tasks()}
+
+
+def test_solvers_enumerate_faces_only_where_they_are_faster():
+    # benchmarks/solvers.py, Part D: under XLA the active set's loop is as
+    # fast or faster from 5 tasks, op by op from 9 or 10.
+    op_by_op, xla = min_norm.ENUMERATION_MAX_TASKS, min_norm.XLA_ENUMERATION_MAX_TASKS
+    assert xla < op_by_op
+    expected = {
+        "jax": {"eager": xla, "xla": xla},
+        "tensorflow": {"eager": op_by_op, "graph": op_by_op, "xla": xla},
+        "torch": {"eager": op_by_op},
+    }[BACKEND]
+    assert enumeration_limits() == expected
+
+
+def test_active_set_agrees_with_the_enumeration(monkeypatch):
+    enumerated_min_norm = enumerating(monkeypatch, min_norm.simplex_min_norm)
     for kind in KINDS:
         jacobian = generated_jacobian(min_norm.ENUMERATION_MAX_TASKS, kind, seed=2)
         gram = regularized(jacobian, min_norm.RIDGE)
-        enumerated = to_numpy(min_norm.simplex_min_norm(gram, ridge=0.0))
+        enumerated = to_numpy(enumerated_min_norm(gram, ridge=0.0))
         scaled = to_numpy(nonnegative_min(gram, -keras.ops.ones((1, len(jacobian)))))[0]
         gram = to_numpy(gram).astype("float64")
         assert_same_minimum(scaled / scaled.sum(), enumerated, gram, jacobian)
@@ -233,7 +276,7 @@ def test_cagrad_dual_matches_slsqp(num_tasks, kind):
     radius = 0.5 * keras.ops.sqrt(
         keras.ops.sum(mean_weights * keras.ops.matmul(gram, mean_weights))
     )
-    weights = enumerated_worst_case(gram, mean_weights, radius)
+    weights = cagrad_dual(gram, mean_weights, radius)
     products = keras.ops.matmul(gram, mean_weights)
     value = float(to_numpy(dual_objective(weights[None], gram, products, radius))[0])
     weights, gram = to_numpy(weights).astype("float64"), to_numpy(gram)
@@ -251,7 +294,8 @@ def test_cagrad_dual_matches_slsqp(num_tasks, kind):
         assert value <= minimum + 5e-6 * abs(minimum) + 1e-9
 
 
-def test_cagrad_search_agrees_with_the_enumeration():
+def test_cagrad_search_agrees_with_the_enumeration(monkeypatch):
+    enumerated_worst_case = enumerating(monkeypatch, worst_case_weights)
     num_tasks = min_norm.ENUMERATION_MAX_TASKS
     for kind in KINDS:
         gram = regularized(generated_jacobian(num_tasks, kind, seed=3), min_norm.RIDGE)

@@ -4,8 +4,9 @@ Keras picks its own trainer for the backend at import time; so does this
 package. `Trainer` is a mixin that `DynamicWeightedModel` puts before
 `keras.Model`, replacing `train_step` and `test_step`.
 
-Two functions serve `keras_dwo.TaskBalancer` and
-`DynamicWeightedModel.task_gradients`, one implementation per backend:
+These serve `keras_dwo.TaskBalancer`,
+`DynamicWeightedModel.task_gradients` and the solvers of
+`keras_dwo.weighting.min_norm`, one implementation per backend:
 
 - `value_and_jacobian(function, variables, state=())` runs `function`, which
   takes nothing and returns `(vector, aux)` (a `(T,)` tensor and anything
@@ -15,6 +16,10 @@ Two functions serve `keras_dwo.TaskBalancer` and
   it assigned.
 - `run_if(condition, function)` runs `function()` if the scalar boolean
   tensor `condition` is true.
+- `runs_under_xla()`: whether the ops built now run in one XLA
+  computation (JAX, TensorFlow with `jit_compile=True`), where a loop of
+  small ops costs little, rather than op by op (torch, TensorFlow graphs
+  without XLA).
 - `values_are_finite(values)`: whether every float tensor in the list is
   finite, a scalar boolean tensor.
 - `STATELESS_OPTIMIZERS`: whether Keras's optimizers of the backend update
@@ -29,18 +34,21 @@ if _BACKEND == "tensorflow":
     from keras_dwo.trainers.tensorflow import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.tensorflow import TensorFlowTrainer as Trainer
     from keras_dwo.trainers.tensorflow import run_if
+    from keras_dwo.trainers.tensorflow import runs_under_xla
     from keras_dwo.trainers.tensorflow import value_and_jacobian
     from keras_dwo.trainers.tensorflow import values_are_finite
 elif _BACKEND == "jax":
     from keras_dwo.trainers.jax import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.jax import JAXTrainer as Trainer
     from keras_dwo.trainers.jax import run_if
+    from keras_dwo.trainers.jax import runs_under_xla
     from keras_dwo.trainers.jax import value_and_jacobian
     from keras_dwo.trainers.jax import values_are_finite
 elif _BACKEND == "torch":
     from keras_dwo.trainers.torch import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.torch import TorchTrainer as Trainer
     from keras_dwo.trainers.torch import run_if
+    from keras_dwo.trainers.torch import runs_under_xla
     from keras_dwo.trainers.torch import value_and_jacobian
     from keras_dwo.trainers.torch import values_are_finite
 else:
@@ -53,6 +61,7 @@ __all__ = [
     "STATELESS_OPTIMIZERS",
     "Trainer",
     "run_if",
+    "runs_under_xla",
     "value_and_jacobian",
     "values_are_finite",
 ]

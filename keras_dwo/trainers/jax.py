@@ -52,6 +52,11 @@ def _select(condition, new_values, old_values):
 STATELESS_OPTIMIZERS = True
 
 
+def runs_under_xla():
+    """Whether the ops built now run in one XLA computation: always on JAX."""
+    return True
+
+
 def value_and_jacobian(function, variables, state=()):
     """`value_and_jacobian` (see `keras_dwo.trainers`) by one pullback per entry.
 

@@ -6,6 +6,9 @@ import keras
 import tensorflow as tf
 from keras.utils import unpack_x_y_sample_weight
 
+# TensorFlow's only test of an XLA context; it has no public one.
+from tensorflow.python.ops import control_flow_util
+
 from keras_dwo.trainers.stateful import StatefulTrainer
 from keras_dwo.trainers.stateful import replicas_task_losses
 
@@ -56,6 +59,18 @@ def _gather_samples(context, task_gradients):
 # Keras's TensorFlow optimizers update tf.Variables; they raise in a
 # stateless scope (their own `stateless_apply` raises).
 STATELESS_OPTIMIZERS = False
+
+
+def runs_under_xla():
+    """Whether the ops built now run in one XLA computation.
+
+    True within a `tf.function(jit_compile=True)` (a model compiled with
+    `jit_compile=True`, the default where TensorFlow sees a GPU), false in
+    other graphs and eagerly.
+    """
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
 
 
 def value_and_jacobian(function, variables, state=()):

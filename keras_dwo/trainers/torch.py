@@ -37,6 +37,15 @@ def _gradients(target, sources, **kwargs):
 STATELESS_OPTIMIZERS = True
 
 
+def runs_under_xla():
+    """Whether the ops built now run in one XLA computation: never on torch.
+
+    Under `torch.compile` too, Keras's `while_loop` is a Python loop whose
+    condition is read on the host, so it runs op by op.
+    """
+    return False
+
+
 def value_and_jacobian(function, variables, state=()):
     """`value_and_jacobian` (see `keras_dwo.trainers`) by one backward per entry.
 

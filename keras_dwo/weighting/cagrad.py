@@ -62,7 +62,7 @@ def worst_case_weights(gram, mean_weights, radius, present=None):
     """Returns `argmin_{w in simplex} w . a + r sqrt(w^T G w)`, CAGrad's dual.
 
     Here `a = G m` holds the inner products of the task gradients with the
-    mean gradient `g_0 = m^T J`. Up to `min_norm.ENUMERATION_MAX_TASKS`
+    mean gradient `g_0 = m^T J`. Up to `min_norm.enumeration_max_tasks()`
     tasks, each face's stationary point (`face_stationary_points`) is
     clipped to the simplex and the lowest objective wins, which is exact;
     past that, `bracketed_worst_case_weights` finds it.
@@ -78,7 +78,7 @@ def worst_case_weights(gram, mean_weights, radius, present=None):
     """
     mean_products = ops.matmul(gram, mean_weights)
     num_tasks = ops.shape(gram)[0]
-    if num_tasks > min_norm.ENUMERATION_MAX_TASKS:
+    if num_tasks > min_norm.enumeration_max_tasks():
         return bracketed_worst_case_weights(gram, mean_weights, radius, present)
     masks = min_norm.subsets(num_tasks)
     points, _ = face_stationary_points(gram, masks, mean_products, radius)

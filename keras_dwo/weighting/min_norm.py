@@ -5,7 +5,7 @@ minimising a function of `w^T G w`, where `G = J J^T` is the `(T, T)` Gram
 matrix, under sign constraints on `w`. Two exact solvers serve them, for any
 number of tasks:
 
-- Face enumeration, for at most `ENUMERATION_MAX_TASKS` tasks: every
+- Face enumeration, for at most `enumeration_max_tasks()` tasks: every
   candidate set of free coefficients gets its equality-constrained solution
   from one batched linear solve, candidates that break a sign constraint are
   clipped back to the feasible set, and the feasible point with the lowest
@@ -35,13 +35,29 @@ them.
 
 from keras import ops
 
+from keras_dwo import trainers
 from keras_dwo.weighting.gram import finite_gram
 
-# benchmarks/solvers.py, Part D: on torch the 2^T batched solves of the
-# enumeration beat the active set's sequential ones up to 10 tasks; on JAX
-# the two are within 30 per cent of each other from 10 to 12.
+# benchmarks/solvers.py, Part D. Op by op (torch, TensorFlow graphs without
+# XLA) the 2^T batched solves of the enumeration beat the active set's loop
+# of single solves up to 9 or 10 tasks; under XLA the loop costs little and
+# the active set is as fast or faster from 5 tasks (from 4 to 5 on
+# TensorFlow, 5 to 6 on JAX).
 ENUMERATION_MAX_TASKS = 10
+XLA_ENUMERATION_MAX_TASKS = 4
 RIDGE = 1e-6
+
+
+def enumeration_max_tasks():
+    """The most tasks that the solvers solve by face enumeration.
+
+    `XLA_ENUMERATION_MAX_TASKS` where the solve is built for XLA (JAX,
+    TensorFlow with `jit_compile=True`), `ENUMERATION_MAX_TASKS` elsewhere;
+    past it they use the active set. Both paths give the exact optimum.
+    """
+    if trainers.runs_under_xla():
+        return XLA_ENUMERATION_MAX_TASKS
+    return ENUMERATION_MAX_TASKS
 
 
 def regularized_gram(gram, ridge=RIDGE):
@@ -154,7 +170,7 @@ def simplex_min_norm(gram, ridge=RIDGE, present=None):
     """
     gram = regularized_gram(gram, ridge)
     num_tasks = ops.shape(gram)[0]
-    if num_tasks > ENUMERATION_MAX_TASKS:
+    if num_tasks > enumeration_max_tasks():
         # With x = w / (w^T G w) the simplex problem is the non-negative one
         # of `G x = 1` (the same KKT conditions), and w = x / sum(x).
         allowed = None if present is None else ops.cast(present, gram.dtype)
@@ -189,7 +205,7 @@ def lower_bounded_min_norm(gram, lower, ridge=RIDGE):
     """
     gram = regularized_gram(gram, ridge)
     num_tasks = ops.shape(gram)[0]
-    if num_tasks > ENUMERATION_MAX_TASKS:
+    if num_tasks > enumeration_max_tasks():
         # v = u + x with x >= 0: x^T G x / 2 + (G u)^T x, plus a constant.
         return lower + nonnegative_min(gram, ops.matmul(lower, gram))
     # Each subset is the set of coordinates left free; the others sit at
