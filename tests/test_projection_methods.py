@@ -50,6 +50,19 @@ def test_pcgrad_two_conflicting_tasks_by_hand():
     np.testing.assert_allclose(weights, [2.0, 1.5], atol=1e-6)
 
 
+@pytest.mark.parametrize("method_class", [PCGrad, GradVac])
+def test_two_tasks_draw_no_order(method_class):
+    # Each task has one other task to visit: the generator stays where it was.
+    method = built(method_class(seed=0), 2)
+    seed_state = variable_value(method.seed_generator.state).copy()
+    orders = to_numpy(method.other_tasks_in_random_order(training=True))
+    np.testing.assert_array_equal(orders, [[[0.0, 1.0]], [[1.0, 0.0]]])
+    aggregate(method, random_jacobian(2, 6), training=True)
+    np.testing.assert_array_equal(
+        variable_value(method.seed_generator.state), seed_state
+    )
+
+
 def test_pcgrad_projected_gradients_do_not_conflict():
     g1, g2 = np.array([[2.0, 1.0, -1.0], [-1.0, 0.5, 2.0]], "float32")
     inner = g1 @ g2

@@ -50,9 +50,14 @@ class RandomState:
 
         Entry `[i, k]` is the one-hot vector of the k-th task that task i
         visits; each task visits every other task once, in an order drawn
-        independently for each task.
+        independently for each task. With two tasks there is no order to
+        draw, and the generator is left where it was.
         """
         num_tasks = self.num_tasks
+        if num_tasks == 2:
+            # Also keeps a compiled torch combination in one graph:
+            # `torch.compile` does not trace Keras's torch generator.
+            return ops.one_hot(ops.convert_to_tensor([[1], [0]]), 2, dtype="float32")
         scores = self.uniform((num_tasks, num_tasks), training)
         # Scores below 1, except on the diagonal: each task sorts itself last.
         scores = scores + 2.0 * ops.eye(num_tasks)
