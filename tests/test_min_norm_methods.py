@@ -157,6 +157,23 @@ def test_cagrad_without_radius_is_the_mean_gradient(jacobian):
     )
 
 
+@pytest.mark.parametrize("c", [0.0, 1e-6, 1e-5, 1e-4, 1e-3])
+@pytest.mark.parametrize("zero_mean", [False, True])
+def test_cagrad_with_a_small_radius_past_the_enumeration(c, zero_mean):
+    # Past the face enumeration a search over beta, which reaches 1 / radius,
+    # solves the dual; a small radius once made its solves singular.
+    jacobian = random_jacobian(12, 30, seed=3)
+    if zero_mean:
+        jacobian = jacobian - jacobian.mean(axis=0)
+    direction, weights = aggregate(CAGrad(c=c), jacobian)
+    assert np.all(np.isfinite(direction)) and np.all(np.isfinite(weights))
+    # d = (g_0 + c ||g_0|| u) / (1 + c^2), u a unit vector.
+    mean = jacobian.mean(axis=0)
+    scale = np.linalg.norm(jacobian, axis=1).max()
+    distance = np.linalg.norm((1 + c**2) * direction - mean)
+    assert distance <= c * np.linalg.norm(mean) + 1e-5 * scale
+
+
 @pytest.mark.parametrize("c", [0.2, 0.5, 2.0])
 @pytest.mark.parametrize("jacobian", conflicting_jacobians())
 def test_cagrad_improves_the_worst_task_within_its_ball(jacobian, c):

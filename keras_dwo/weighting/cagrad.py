@@ -125,8 +125,12 @@ def bracketed_worst_case_weights(gram, mean_weights, radius, present=None):
     minus_ones = -ops.ones((1, num_tasks), dtype)
 
     def weights_at(beta):
-        # The Gram matrix of g_i + beta g_0, positive definite as G is.
-        shifted = (
+        # The Gram matrix of g_i + beta g_0. For a small radius the bracket
+        # reaches large beta, where the shifted gradients are nearly
+        # parallel: normalised and ridged like every Gram matrix the solvers
+        # see, it stays finite and solvable (the simplex's minimum-norm point
+        # does not change with the scale).
+        shifted = min_norm.regularized_gram(
             gram
             + beta * (mean_products[:, None] + mean_products[None, :])
             + ops.square(beta) * mean_norm_squared
