@@ -428,27 +428,19 @@ def main():
         default="both",
         help="Which part to run (default: both, C and D).",
     )
-    parser.add_argument(
-        "--solve-tasks",
-        type=int,
-        nargs="+",
-        default=list(SOLVE_TASKS),
-        help="Numbers of tasks of Part C (default: 2 4 8 16 32 40 64).",
-    )
-    parser.add_argument(
-        "--crossover-tasks",
-        type=int,
-        nargs="+",
-        default=list(CROSSOVER_TASKS),
-        help="Numbers of tasks of Part D (default: 2 to 12).",
-    )
-    parser.add_argument(
-        "--step-tasks",
-        type=int,
-        nargs="+",
-        default=list(STEP_TASKS),
-        help="Numbers of tasks of Part E (default: 4 6 8 10).",
-    )
+    for option, part, default in (
+        ("--solve-tasks", "C", SOLVE_TASKS),
+        ("--crossover-tasks", "D", CROSSOVER_TASKS),
+        ("--step-tasks", "E", STEP_TASKS),
+    ):
+        parser.add_argument(
+            option,
+            type=int,
+            nargs="+",
+            default=list(default),
+            help=f"Numbers of tasks of Part {part} (default: "
+            f"{' '.join(map(str, default))}).",
+        )
     parser.add_argument(
         "--methods",
         nargs="+",
