@@ -53,7 +53,10 @@ STATELESS_OPTIMIZERS = True
 
 
 def runs_under_xla():
-    """Whether the ops built now run in one XLA computation: always on JAX."""
+    """Whether the ops built now run under XLA: always on JAX.
+
+    Eagerly too, `while_loop` compiles its loop into one computation.
+    """
     return True
 
 
