@@ -93,8 +93,8 @@ TARGET_TASKS = 40
 # The most tasks enumerated that forces each path.
 PATHS = {"enumeration": 64, "active set": 0}
 STEP_TASKS = (4, 6, 8, 10)
-# The most tasks enumerated in each column of Part E (None: the backend's).
-STEP_LIMITS = {"op-by-op limit": "op_by_op", "own limit": None}
+# The columns of Part E: the solvers' op-by-op limit, the backend's own.
+STEP_LIMITS = ("op-by-op limit", "own limit")
 CAGRAD_C = 0.5
 # The solver of each method, on the `(T, T)` Gram matrix.
 SOLVER_OF = {
@@ -289,16 +289,15 @@ def measure_steps(num_tasks, args, jit_compile, failures):
     def traced_with(limit, method):
         model = build_keras_model(method, num_tasks, FULL)
         model.jit_compile = jit_compile
-        if limit == "op_by_op":
-            limit = min_norm.ENUMERATION_MAX_TASKS
         with enumeration_limit(limit):
             # The runner traces the step as it warms up.
             return step_runner(model, batch)
 
+    limits = dict(zip(STEP_LIMITS, (min_norm.ENUMERATION_MAX_TASKS, None)))
     factories = {
         (label, method): lambda limit=limit, method=method: traced_with(limit, method)
         for method in SOLVER_OF
-        for label, limit in STEP_LIMITS.items()
+        for label, limit in limits.items()
     }
     return measure_block(num_tasks, factories, args, failures)
 
