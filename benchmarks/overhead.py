@@ -6,7 +6,14 @@ compiled with static `loss_weights` (the baseline), a second such model (the
 control: its ratio to the first is the noise of the measurement), and
 `keras_dwo.DynamicWeightedModel` with `weighting="equal"`, `"uncertainty"`,
 FAMO as in the paper (a second forward pass per step) and FAMO with
-`update="next_batch"` (none). The network has
+`update="next_batch"` (none). One more variant, "hand_uncertainty", is
+uncertainty weighting written by hand in a plain `keras.Model`: a
+`compute_loss` that returns `sum_i exp(-s_i) L_i + s_i` over two learned
+log-variances, as a user would write it without keras-dwo (no bounds, no
+non-finite guard, no per-task logs, and none of the loss bookkeeping of
+`compile(loss=...)`, which the plain model has). "uncertainty" against it
+(the last column) is what keras-dwo costs over the shortest hand-written
+version of the same method. The network has
 64 inputs, a shared trunk of two 256-unit ReLU layers and two heads: a
 10-class softmax trained with sparse categorical crossentropy and a 1-unit
 regression trained with mean squared error. Every variant trains with Adam on
@@ -33,9 +40,10 @@ Run it from the repository root:
     python benchmarks/overhead.py --backend jax --steps 50 --repeats 40
     python benchmarks/overhead.py --json overhead.json
 
-Target: the equal and uncertainty ratios at most 1.05 on every backend,
-that is, dynamic weighting costs at most 5% more time per training step than
-static loss weights.
+Targets: equal weighting at most 1.03 and uncertainty weighting at most
+1.05 of the plain model on every backend, that is, dynamic weighting costs
+at most 3% (5% with the learned log-variances) more time per training step
+than static loss weights.
 """
 
 import argparse
@@ -50,9 +58,17 @@ import time
 import numpy as np
 
 BACKENDS = ("tensorflow", "jax", "torch")
-VARIANTS = ("plain", "control", "equal", "uncertainty", "famo", "famo_next_batch")
-TARGET_VARIANTS = ("equal", "uncertainty")
-TARGET_RATIO = 1.05
+VARIANTS = (
+    "plain",
+    "control",
+    "equal",
+    "uncertainty",
+    "hand_uncertainty",
+    "famo",
+    "famo_next_batch",
+)
+# The largest ratio to the plain model's step that each variant may reach.
+TARGET_RATIOS = {"equal": 1.03, "uncertainty": 1.05}
 BATCH_SIZE = 256
 INPUT_DIM = 64
 HIDDEN_UNITS = 256
@@ -69,6 +85,35 @@ def synthetic_batch(seed=SEED):
     label = np.argmax(scores[:, :NUM_CLASSES], axis=1).astype("int32")
     value = scores[:, NUM_CLASSES:] + 0.1 * rng.normal(size=(BATCH_SIZE, 1))
     return x, {"label": label, "value": value.astype("float32")}
+
+
+def hand_written_uncertainty(inputs, outputs, loss):
+    """A plain `keras.Model` with Kendall et al.'s objective written by hand.
+
+    Two learned log-variances `s_i`, trained with the network, and the loss
+    `sum_i exp(-s_i) L_i + s_i`; nothing else.
+    """
+    import keras
+    from keras import ops
+
+    losses = {name: keras.losses.get(identifier) for name, identifier in loss.items()}
+
+    class UncertaintyModel(keras.Model):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.log_variances = self.add_weight(
+                shape=(len(losses),), initializer="zeros", name="log_variances"
+            )
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **_):
+            task_losses = ops.stack(
+                [ops.mean(fn(y[name], y_pred[name])) for name, fn in losses.items()]
+            )
+            return ops.sum(
+                ops.exp(-self.log_variances) * task_losses + self.log_variances
+            )
+
+    return UncertaintyModel(inputs, outputs, name="hand_uncertainty")
 
 
 def build_model(variant, seed=SEED):
@@ -94,6 +139,9 @@ def build_model(variant, seed=SEED):
         model.compile(
             optimizer=optimizer, loss=loss, loss_weights={"label": 1.0, "value": 1.0}
         )
+    elif variant == "hand_uncertainty":
+        model = hand_written_uncertainty(inputs, outputs, loss)
+        model.compile(optimizer=optimizer)
     else:
         weighting = variant
         if variant == "famo_next_batch":
@@ -184,6 +232,9 @@ def measure(steps, repeats):
         "keras": keras.__version__,
         "ms_per_step": {v: 1e3 * medians[v] for v in VARIANTS},
         "ratio": {v: medians[v] / medians["plain"] for v in VARIANTS[1:]},
+        "uncertainty_over_hand_written": (
+            medians["uncertainty"] / medians["hand_uncertainty"]
+        ),
         "samples_ms": {v: [1e3 * t for t in times[v]] for v in VARIANTS},
     }
 
@@ -204,8 +255,12 @@ def run_backend(backend, steps, repeats):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+HAND_WRITTEN_RATIO = "uncertainty/hand"
+
+
 def table_header():
     names = [f"{v} ms" for v in VARIANTS] + [f"{v}/plain" for v in VARIANTS[1:]]
+    names.append(HAND_WRITTEN_RATIO)
     return " ".join([f"{'backend':<11}", *(f"{name:>{len(name)}}" for name in names)])
 
 
@@ -213,6 +268,8 @@ def table_row(result):
     ms, ratio = result["ms_per_step"], result["ratio"]
     cells = [f"{ms[v]:>{len(v) + 3}.3f}" for v in VARIANTS]
     cells += [f"{ratio[v]:>{len(v) + 6}.3f}" for v in VARIANTS[1:]]
+    hand_written = result["uncertainty_over_hand_written"]
+    cells.append(f"{hand_written:>{len(HAND_WRITTEN_RATIO)}.3f}")
     return " ".join([f"{result['backend']:<11}", *cells])
 
 
@@ -259,18 +316,18 @@ def main():
         results.append(result)
 
     misses = [
-        f"{result['backend']} {variant} ({ratio:.3f})"
+        f"{result['backend']} {variant} ({result['ratio'][variant]:.3f})"
         for result in results
-        for variant, ratio in result["ratio"].items()
-        if variant in TARGET_VARIANTS and ratio > TARGET_RATIO
+        for variant, target in TARGET_RATIOS.items()
+        if result["ratio"][variant] > target
     ]
     verdict = "met" if not misses else "missed by " + ", ".join(misses)
-    targets = " and ".join(TARGET_VARIANTS)
-    print(f"target: {targets} ratios <= {TARGET_RATIO:.2f}: {verdict}")
+    targets = " and ".join(f"{v} <= {t:.2f}" for v, t in TARGET_RATIOS.items())
+    print(f"targets, ratio to plain: {targets}: {verdict}")
 
     if args.json:
         report = {
-            "target_ratio": TARGET_RATIO,
+            "target_ratios": TARGET_RATIOS,
             "batch_size": BATCH_SIZE,
             "steps": args.steps,
             "repeats": args.repeats,
