@@ -1,5 +1,7 @@
 """Gradient-level methods inside DynamicWeightedModel: steps, logs, graph, fit."""
 
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 import keras_dwo
 from keras_dwo import weighting
 
+from conftest import BACKEND
 from conftest import TWO_TASK_LOSSES
 from conftest import built
 from conftest import every_on_torch
@@ -117,6 +120,44 @@ def test_tasks_without_shared_variables_train_their_heads_with_a_warning():
     reference.train_on_batch(x, y)
     for trained, expected in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="Only the torch step holds the per-task gradients by Python "
+    "references; TensorFlow's and XLA's graphs free their buffers themselves.",
+)
+def test_torch_holds_one_task_gradient_at_a_time(monkeypatch):
+    """Each task's gradients are let go before the next task's pass.
+
+    Otherwise a step holds one more gradient of the shared parameters than
+    the Jacobian (measured: `(T + 1) P` floats over equal weighting instead
+    of `T P`, benchmarks/memory.py).
+    """
+    import torch
+
+    model = two_task_model("upgrad")
+    model.compile(optimizer="sgd", loss=TWO_TASK_LOSSES)
+    x, y = two_task_data(32)
+    model.train_on_batch(x, y)
+    trunk_kernel = model.get_layer("trunk").kernel.value
+    returned, alive_at_each_pass = [], []
+    gradients_of = torch.autograd.grad
+
+    def recording(outputs, inputs, *args, **kwargs):
+        alive_at_each_pass.append(sum(ref() is not None for ref in returned))
+        gradients = gradients_of(outputs, inputs, *args, **kwargs)
+        returned.extend(
+            weakref.ref(gradient)
+            for source, gradient in zip(inputs, gradients)
+            if source is trunk_kernel and gradient is not None
+        )
+        return gradients
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    model.train_on_batch(x, y)
+    assert len(returned) == 2
+    assert alive_at_each_pass == [0] * len(alive_at_each_pass)
 
 
 def test_representation_needs_heads_that_read_only_the_representation():

@@ -100,6 +100,8 @@ def _jacobian(entries, sources, scales=None):
             # None: the entry does not depend on the source (another task's head).
             if gradient is not None:
                 row[index] = gradient
+        # Let go now, or the next entry's gradients are computed beside these.
+        gradients = gradient = None
     return rows
 
 
