@@ -250,13 +250,27 @@ def test_a_zero_task_weight_is_valid_for_methods_on_positive_losses(method):
     "bad, finite",
     [(None, True), (np.nan, False), (np.inf, False), (-np.inf, False), (1e30, True)],
 )
-def test_the_finite_check_is_exact(bad, finite):
-    # 1e30 is finite, though its square, which a norm takes, overflows.
+@pytest.mark.parametrize("where", ["matrix", "first", "last", "vector", "scalar"])
+def test_the_finite_check_is_exact(bad, finite, where):
+    # 1e30 is finite, though its square, which a norm takes, overflows, and
+    # a sum of many of them would too.
     from keras_dwo import trainers
 
-    values = [np.ones((3, 4), "float32"), np.arange(3, dtype="float32")]
+    values = [
+        np.ones((3, 4), "float32"),
+        np.full((64, 3, 5), 1e30, "float32"),
+        np.arange(3, dtype="float32"),
+        np.array(2.0, "float32"),
+    ]
     if bad is not None:
-        values[0][1, 2] = bad
+        target, index = {
+            "matrix": (0, (1, 2)),
+            "first": (1, (0, 0, 0)),
+            "last": (1, (63, 2, 4)),
+            "vector": (2, 1),
+            "scalar": (3, ()),
+        }[where]
+        values[target][index] = bad
     tensors = [keras.ops.convert_to_tensor(v) for v in values]
     tensors += [
         keras.ops.zeros((0,)),
@@ -264,4 +278,4 @@ def test_the_finite_check_is_exact(bad, finite):
         keras.ops.convert_to_tensor(np.array([0.5], "float16")),
     ]
     assert bool(to_numpy(trainers.values_are_finite(tensors))) is finite
-    assert bool(to_numpy(trainers.values_are_finite([tensors[3]])))
+    assert bool(to_numpy(trainers.values_are_finite(tensors[-2:-1])))

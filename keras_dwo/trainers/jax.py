@@ -88,14 +88,31 @@ def value_and_jacobian(function, variables, state=()):
     return vector, aux, list(rows)
 
 
+def _times_zero(value):
+    """0 if every entry of `value` is finite, NaN otherwise: a scalar.
+
+    Every product with zero is 0 or NaN (for a NaN or an infinity), so no
+    sum of them overflows. A matrix is multiplied by a zero vector: XLA on
+    CPU runs the product as one vectorised pass over the matrix, where an
+    elementwise `isfinite` and an `all` take a pass to write a boolean array
+    and more to reduce it.
+    """
+    if value.ndim < 2:
+        return jnp.sum(value * 0)
+    matrix = value.reshape(value.shape[0], -1)
+    return jnp.sum(jnp.zeros((matrix.shape[0],), matrix.dtype) @ matrix)
+
+
 def values_are_finite(values):
     """Whether every float tensor in `values` is finite: a boolean array."""
-    checks = [
-        jnp.all(jnp.isfinite(value))
+    floats = [
+        value
         for value in map(jnp.asarray, values)
-        if jnp.issubdtype(value.dtype, jnp.floating)
+        if jnp.issubdtype(value.dtype, jnp.floating) and value.size
     ]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+    if not floats:
+        return jnp.asarray(True)
+    return jnp.isfinite(sum(_times_zero(v).astype("float32") for v in floats))
 
 
 def run_if(condition, function):
