@@ -95,12 +95,15 @@ def _times_zero(value):
     sum of them overflows. A matrix is multiplied by a zero vector: XLA on
     CPU runs the product as one vectorised pass over the matrix, where an
     elementwise `isfinite` and an `all` take a pass to write a boolean array
-    and more to reduce it.
+    and more to reduce it. The product takes full precision: an accelerator
+    that rounds it to bfloat16 could round the largest finite float32
+    values up to infinity.
     """
     if value.ndim < 2:
         return jnp.sum(value * 0)
     matrix = value.reshape(value.shape[0], -1)
-    return jnp.sum(jnp.zeros((matrix.shape[0],), matrix.dtype) @ matrix)
+    zeros = jnp.zeros((matrix.shape[0],), matrix.dtype)
+    return jnp.sum(jnp.matmul(zeros, matrix, precision=jax.lax.Precision.HIGHEST))
 
 
 def values_are_finite(values):
