@@ -119,6 +119,27 @@ def to_numpy(value):
     return keras.ops.convert_to_numpy(value)
 
 
+def gradient_of(function, value):
+    """The gradient of the scalar `function(value)` with respect to `value`.
+
+    `value`: a float32 array or tensor; returns a numpy array.
+    """
+    value = keras.ops.convert_to_tensor(value, "float32")
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(value)
+            result = function(value)
+        return to_numpy(tape.gradient(result, value))
+    if BACKEND == "jax":
+        import jax
+
+        return to_numpy(jax.grad(function)(value))
+    value = value.detach().requires_grad_(True)
+    return to_numpy(torch.autograd.grad(function(value), value)[0])
+
+
 def variable_values(variables):
     return [to_numpy(v).copy() for v in variables]
 

@@ -13,6 +13,7 @@ from keras_dwo.task_weights import validated_task_weights
 
 from conftest import BACKEND
 from conftest import built
+from conftest import gradient_of
 from conftest import to_numpy
 
 T = 3
@@ -118,26 +119,6 @@ def test_bad_jacobians_neither_raise_nor_give_nan_where_avoidable(identifier):
             assert not np.all(np.isfinite(huge[0]))
 
 
-def loss_gradient(function, losses):
-    """The gradient of the scalar `function(losses)` with respect to `losses`."""
-    losses = tensor(losses)
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            tape.watch(losses)
-            value = function(losses)
-        return to_numpy(tape.gradient(value, losses))
-    if BACKEND == "jax":
-        import jax
-
-        return to_numpy(jax.grad(function)(losses))
-    import torch
-
-    losses = losses.detach().requires_grad_(True)
-    return to_numpy(torch.autograd.grad(function(losses), losses)[0])
-
-
 @pytest.mark.parametrize("identifier", POSITIVE_LOSS_METHODS)
 @pytest.mark.parametrize("bad_loss", [0.0, -0.4])
 def test_a_task_without_a_positive_loss_is_left_out(identifier, bad_loss):
@@ -157,7 +138,7 @@ def test_a_task_without_a_positive_loss_is_left_out(identifier, bad_loss):
     np.testing.assert_array_equal(to_numpy(weights), to_numpy(absent_weights))
     assert to_numpy(weights)[1] == 0.0 and np.all(np.isfinite(to_numpy(weights)))
     fresh = method()
-    gradient = loss_gradient(lambda x: fresh.call(x, training=True)[0], losses)
+    gradient = gradient_of(lambda x: fresh.call(x, training=True)[0], losses)
     assert np.all(np.isfinite(gradient)) and gradient[1] == 0.0
     assert gradient[0] > 0 and gradient[2] > 0
 
@@ -187,7 +168,7 @@ def test_famo_update_leaves_a_task_without_a_positive_loss_alone(bad_loss):
 
 def gradient_wrt(variable, function):
     """The gradient of `function()` with respect to a Keras variable."""
-    return loss_gradient(
+    return gradient_of(
         lambda value: _with_value(variable, value, function), to_numpy(variable)
     )
 
