@@ -92,3 +92,61 @@ def test_a_plain_mean_does_not_take_the_keras_call(monkeypatch):
     # With sample weights it is Keras's call that weighs them.
     with pytest.raises(AssertionError, match="was called"):
         tasks.reduced_loss(loss, target, prediction, np.ones(BATCH, "float32"))
+
+
+REPLICA_SCRIPT = """
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+from keras_dwo import tasks
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+loss = tasks._resolve_loss("mse", "task")
+target = tf.constant(np.linspace(0.0, 1.0, 12, dtype="float32").reshape(4, 3))
+prediction = tf.constant(np.linspace(1.0, 0.0, 12, dtype="float32").reshape(4, 3))
+
+
+@tf.function
+def values():
+    def replica():
+        assert tasks._is_plain_mean(loss, prediction, None)
+        return tasks.reduced_loss(loss, target, prediction), loss(target, prediction)
+
+    return strategy.run(replica)
+
+
+per_replica = [strategy.experimental_local_results(v) for v in values()]
+for ours, keras_value in zip(*per_replica):
+    print(float(ours), float(keras_value))
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only tf.distribute scales each replica's loss (by 1 / replicas)",
+)
+def test_the_shorter_way_scales_for_replicas_as_keras_does():
+    import os
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-c", REPLICA_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    pairs = [line.split() for line in completed.stdout.strip().splitlines()[-2:]]
+    assert len(pairs) == 2
+    for ours, keras_value in pairs:
+        assert ours == keras_value
+    # Half of each replica's mean: the strategy sums the replicas' gradients.
+    assert float(pairs[0][0]) == pytest.approx(
+        0.5 * np.mean(np.square(np.linspace(1.0, 0.0, 12) - np.linspace(0.0, 1.0, 12)))
+    )
