@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_dwo import trainers
+
 
 class TaskTracker(keras.metrics.Metric):
     """Tracks every task's mean loss, its weight in the last step and skipped steps.
@@ -41,11 +43,16 @@ class TaskTracker(keras.metrics.Metric):
         not counts as skipped.
         """
         sample_counts = ops.cast(sample_counts, self.dtype)
-        self.loss_total.assign_add(ops.cast(task_losses, self.dtype) * sample_counts)
-        self.count.assign_add(sample_counts)
+        if isinstance(applied, bool):
+            skipped = float(not applied)
+        else:
+            skipped = 1.0 - ops.cast(applied, self.dtype)
+        trainers.add_to_variables(
+            [self.loss_total, self.count, self.skipped_steps],
+            [ops.cast(task_losses, self.dtype) * sample_counts, sample_counts, skipped],
+        )
         if weights is not None:
             self.last_weights.assign(ops.cast(weights, self.dtype))
-        self.skipped_steps.assign_add(1.0 - ops.cast(applied, self.dtype))
 
     def reset_state(self):
         # The last weights outlive the epoch, so that evaluation reports them.

@@ -22,6 +22,8 @@ These serve `keras_dwo.TaskBalancer`,
   without XLA).
 - `values_are_finite(values)`: whether every float tensor in the list is
   finite, a scalar boolean tensor.
+- `add_to_variables(variables, increments)`: adds each increment to its
+  variable (`assign_add`; on torch one fused in-place update).
 - `STATELESS_OPTIMIZERS`: whether Keras's optimizers of the backend update
   in a `keras.StatelessScope` (not on TensorFlow).
 """
@@ -47,6 +49,7 @@ elif _BACKEND == "jax":
 elif _BACKEND == "torch":
     from keras_dwo.trainers.torch import STATELESS_OPTIMIZERS
     from keras_dwo.trainers.torch import TorchTrainer as Trainer
+    from keras_dwo.trainers.torch import add_to_variables
     from keras_dwo.trainers.torch import run_if
     from keras_dwo.trainers.torch import runs_under_xla
     from keras_dwo.trainers.torch import value_and_jacobian
@@ -57,8 +60,17 @@ else:
         f"backend is {_BACKEND!r}."
     )
 
+if _BACKEND != "torch":
+
+    def add_to_variables(variables, increments):
+        """Adds each increment (a tensor or a number) to its variable."""
+        for variable, increment in zip(variables, increments):
+            variable.assign_add(increment)
+
+
 __all__ = [
     "STATELESS_OPTIMIZERS",
+    "add_to_variables",
     "Trainer",
     "run_if",
     "runs_under_xla",

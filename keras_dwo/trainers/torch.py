@@ -134,7 +134,7 @@ def values_are_finite(values):
     microseconds per step on CPU.
     """
     floats = [
-        value.detach()
+        value
         for value in values
         if torch.is_floating_point(value) and value.numel() > 0
     ]
@@ -146,6 +146,22 @@ def values_are_finite(values):
             if bool(torch.isfinite(torch.stack(norms)).all()):
                 return torch.tensor(True, device=floats[0].device)
         return torch.stack([torch.isfinite(value).all() for value in floats]).all()
+
+
+def add_to_variables(variables, increments):
+    """Adds each increment (a tensor or a number) to its variable, in place.
+
+    One `torch._foreach_add_` for all of them: Keras's `assign_add` costs
+    about 14 microseconds a variable on eager torch, an in-place add 2.5,
+    and every step adds to five variables of its logs.
+    """
+    values = [variable.value for variable in variables]
+    increments = [
+        torch.as_tensor(increment, dtype=value.dtype, device=value.device)
+        for increment, value in zip(increments, values)
+    ]
+    with torch.no_grad():
+        torch._foreach_add_(values, increments)
 
 
 def run_if(condition, function):
