@@ -16,6 +16,7 @@ from keras_dwo import trainers
 from keras_dwo import weighting as weighting_module
 from keras_dwo.task_tracker import TaskTracker
 from keras_dwo.task_weights import validated_task_weights
+from keras_dwo.task_weights import weights_and_values_are_finite
 from keras_dwo.trainers import Trainer
 from keras_dwo.weighting.base import check_unclaimed
 
@@ -858,11 +859,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
             gradients: The gradients the optimizer would apply.
             state: The weighting method's new state values.
         """
-        # The square root of a negative weight is NaN: one finite check
-        # covers the weights' sign too.
-        weight_roots = ops.sqrt(self.task_weights)
-        return self.values_are_finite(
-            [task_losses, objective, weight_roots, *gradients, *state]
+        return weights_and_values_are_finite(
+            self.task_weights, [task_losses, objective, *gradients, *state]
         )
 
     # Whether every float tensor in a list is finite: a boolean tensor.

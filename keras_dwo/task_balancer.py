@@ -10,6 +10,7 @@ from keras_dwo import weighting as weighting_module
 from keras_dwo.gradient_plan import layer_sizes
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.task_weights import validated_task_weights
+from keras_dwo.task_weights import weights_and_values_are_finite
 from keras_dwo.weighting.base import check_unclaimed
 
 
@@ -299,11 +300,8 @@ class TaskBalancer(keras.layers.Layer):
             objective = ops.stop_gradient(objective[0])
             losses = ops.stop_gradient(losses)
             gradients = [row[0] for row in rows]
-        finite = ops.logical_and(
-            ops.all(task_weights >= 0),
-            DynamicWeightedModel.values_are_finite(
-                [losses, objective, *gradients, *[v.value for v in state]]
-            ),
+        finite = weights_and_values_are_finite(
+            task_weights, [losses, objective, *gradients, *[v.value for v in state]]
         )
         run_if(finite, lambda: optimizer.apply(gradients, trained))
         keep_state = finite

@@ -3,6 +3,9 @@
 import math
 
 import numpy as np
+from keras import ops
+
+from keras_dwo import trainers
 
 
 def validated_task_weights(weights, task_names):
@@ -48,3 +51,15 @@ def validated_task_weights(weights, task_names):
             f"{', '.join(invalid)}."
         )
     return floats
+
+
+def weights_and_values_are_finite(task_weights, values):
+    """Whether a step may be applied: a scalar boolean tensor.
+
+    True when the task weights are finite and non-negative and every float
+    tensor in `values` (the task losses, the objective, the gradients, the
+    method's new state) is finite.
+    """
+    # The square root of a negative weight is NaN: one finite check covers
+    # the weights' sign too.
+    return trainers.values_are_finite([ops.sqrt(task_weights), *values])
