@@ -334,6 +334,42 @@ def test_jit_compile_takes_the_steps_of_the_eager_step(method):
         )
 
 
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="Only torch.compile splits a function into graphs at code it cannot "
+    "trace; TensorFlow and JAX trace the whole step or fail.",
+)
+@pytest.mark.parametrize(
+    "name",
+    # GradDrop's random signs come from Keras's seed generator, which Keras
+    # keeps out of torch.compile.
+    [name for name in GRADIENT_METHODS if name != "graddrop"],
+)
+def test_the_combination_compiles_into_one_graph(name):
+    # With jit_compile=True the torch step compiles the combination of the
+    # task gradients. Keras's torch `ops.max` and `ops.min` break a graph:
+    # Aligned-MTL's combination ran as ten graphs, 1.5 ms of a 15 ms step.
+    import torch
+
+    model = two_task_model(_fresh(name))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=TWO_TASK_LOSSES)
+    # One eager step builds the optimizer and the method's state.
+    model.train_on_batch(*two_task_data(32))
+    plan = model.gradient_plan()
+    shared = [model.trainable_variables[i] for i in plan.shared_indices]
+    generator = np.random.default_rng(0)
+    task_gradients = [
+        torch.as_tensor(generator.normal(size=(2, *v.shape)), dtype=torch.float32)
+        for v in shared
+    ]
+    losses = torch.tensor([0.7, 1.3])
+    explanation = torch._dynamo.explain(model.combine_task_gradients)(
+        task_gradients, losses
+    )
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1, reasons
+
+
 @pytest.mark.parametrize(
     "method", every_on_torch(["uncertainty", "upgrad", "mgda_ub"], elsewhere=["upgrad"])
 )

@@ -53,14 +53,14 @@ class AlignedMTL(GradientWeighting):
         # An overflowing trace leaves the zero matrix, which decomposes.
         gram = gram / ops.where(trace > 0, trace, ops.ones_like(trace))
         eigenvalues, eigenvectors = ops.eigh(gram)
-        largest = ops.max(eigenvalues)
+        largest = ops.amax(eigenvalues)
         kept = eigenvalues > RELATIVE_RANK_TOLERANCE * largest
         inverse_roots = ops.where(
             kept,
             ops.rsqrt(ops.where(kept, eigenvalues, ops.ones_like(eigenvalues))),
             ops.zeros_like(eigenvalues),
         )
-        smallest = ops.min(ops.where(kept, eigenvalues, largest))
+        smallest = ops.amin(ops.where(kept, eigenvalues, largest))
         # B 1 = sqrt(lambda_min) V diag(lambda^{-1/2}) V^T 1.
         weights = ops.sqrt(smallest) * ops.matmul(
             eigenvectors,

@@ -172,7 +172,7 @@ def bracketed_worst_case_weights(gram, mean_weights, radius, present=None):
         best = ops.where(
             better[1], candidates[1], ops.where(better[0], candidates[0], best)
         )
-        best_objective = ops.minimum(best_objective, ops.min(objective))
+        best_objective = ops.minimum(best_objective, ops.amin(objective))
 
         point_beta = point_norm / radius
         inside = ops.logical_and(
@@ -182,7 +182,7 @@ def bracketed_worst_case_weights(gram, mean_weights, radius, present=None):
         return low, high, beta, best, best_objective, optimal
 
     zero = ops.zeros((), dtype)
-    high = ops.sqrt(ops.max(ops.diagonal(gram))) / radius
+    high = ops.sqrt(ops.amax(ops.diagonal(gram))) / radius
     _, _, _, best, _, _ = ops.while_loop(
         condition,
         step,

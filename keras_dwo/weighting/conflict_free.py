@@ -44,7 +44,7 @@ def config_weights(gram, present=None):
     cosines = cosine_matrix(gram, norms)
 
     eigenvalues, eigenvectors = ops.eigh(cosines)
-    keep = eigenvalues > CUTOFF * ops.max(eigenvalues)
+    keep = eigenvalues > CUTOFF * ops.amax(eigenvalues)
     inverse_eigenvalues = ops.where(keep, 1.0 / ops.where(keep, eigenvalues, 1.0), 0.0)
     # The ones vector in the eigenbasis, restricted to the range of C.
     ones = ops.where(keep, ops.sum(eigenvectors, axis=0), 0.0)

@@ -79,7 +79,7 @@ class DBMTL(GradientWeighting):
         moved = log_gradients + rate * (moving - log_gradients)
         moved = ops.where(ops.expand_dims(present, 1) > 0, moved, moving)
         norms = ops.sqrt(ops.sum(ops.square(moved), axis=1))
-        scales = present * ops.max(norms * present) / (norms + EPSILON)
+        scales = present * ops.amax(norms * present) / (norms + EPSILON)
         if training:
             self.moving_gradients.assign(moved)
             self.steps.assign(step)

@@ -67,8 +67,9 @@ def fair_weights(gram, alpha, iterations):
         delta = ops.solve(hessian, gradient[:, None])[:, 0]
         candidates = v[None, :] - steps[:, None] * delta[None, :]
         accepted = residuals(candidates) <= (1.0 - 1e-4 * steps) * residuals(v)
-        first = ops.argmax(ops.cast(accepted, "int32"))
-        step = ops.where(ops.any(accepted), steps[first], 0.0)
+        # The steps halve: the first accepted one is the largest accepted
+        # (indexing with the found position breaks a torch.compile graph).
+        step = ops.amax(ops.where(accepted, steps, 0.0))
         return v - step * delta
 
     v = ops.fori_loop(0, iterations, newton_step, start)

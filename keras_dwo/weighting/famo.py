@@ -117,7 +117,8 @@ class FAMO(LossWeighting):
         """Returns `softmax(xi)`, the share of each task (of those present)."""
         if present is None:
             return ops.softmax(self.logits)
-        shares = present * ops.exp(self.logits - ops.max(self.logits))
+        logits = ops.convert_to_tensor(self.logits)
+        shares = present * ops.exp(logits - ops.amax(logits))
         # No task present: every share is 0.
         return ops.divide_no_nan(shares, ops.sum(shares))
 

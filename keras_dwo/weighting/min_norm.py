@@ -287,7 +287,7 @@ def nonnegative_min(hessian, linear, allowed=None):
             -float("inf"),
         )
         entering = ops.argmax(violation, axis=1)
-        optimal = ops.max(violation, axis=1) <= 0
+        optimal = ops.amax(violation, axis=1) <= 0
         moved_free = free + ops.where(
             optimal[:, None], 0.0, ops.one_hot(entering, num_tasks, dtype=dtype)
         )
@@ -297,7 +297,7 @@ def nonnegative_min(hessian, linear, allowed=None):
         ratios = ops.where(
             blocking, x / ops.where(blocking, x - solution, 1.0), float("inf")
         )
-        alpha = ops.min(ratios, axis=1, keepdims=True)
+        alpha = ops.amin(ratios, axis=1, keepdims=True)
         partial = x + alpha * (solution - x)
         kept = ops.logical_and(ops.logical_and(is_free, partial > 0), ratios > alpha)
         partial = ops.where(kept, partial, 0.0)

@@ -133,7 +133,7 @@ class NashMTL(GradientWeighting):
         gram = finite_gram(gram)
         # The Frobenius norm, computed on a scaled copy whose squares cannot
         # overflow.
-        largest = ops.max(ops.abs(gram))
+        largest = ops.amax(ops.abs(gram))
         gram_over_largest = gram / ops.where(largest > 0, largest, 1.0)
         frobenius = largest * ops.sqrt(ops.sum(ops.square(gram_over_largest)))
         normalized = gram / ops.where(frobenius > 0, frobenius, 1.0)

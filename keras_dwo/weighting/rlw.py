@@ -39,7 +39,7 @@ class RLW(RandomState, LossWeighting):
                 (self.num_tasks,), seed=self.seed_generator, dtype=losses.dtype
             )
             # The softmax over the tasks present.
-            weights = present * ops.exp(logits - ops.max(logits))
+            weights = present * ops.exp(logits - ops.amax(logits))
         else:
             weights = present
         return linear_objective(weights / ops.sum(weights), losses)

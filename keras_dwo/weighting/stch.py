@@ -97,7 +97,7 @@ class STCH(LossWeighting):
         taking_part = ops.logical_and(present > 0, measured)
         nadir = ops.where(measured, nadir_sum / ops.maximum(nadir_count, 1.0), 1.0)
         relative = ops.log(shifted / (nadir + self.epsilon))
-        largest = ops.max(ops.where(taking_part, relative, -float("inf")))
+        largest = ops.amax(ops.where(taking_part, relative, -float("inf")))
         largest = ops.stop_gradient(ops.where(ops.isfinite(largest), largest, 0.0))
         exponentials = ops.where(
             taking_part, ops.exp((relative - largest) / self.mu), 0.0
