@@ -155,6 +155,22 @@ def test_the_steps_match_libmtls_updates(name):
     )
 
 
+def test_sdmgrad_stays_finite_when_every_task_gradient_turns_around():
+    # Each step's Jacobian is the previous one negated: every diagonal entry
+    # of the cross product is negative, so the normalisation divides by its
+    # 1e-8 alone and the steps on the weights reach the millions, which the
+    # simplex projection took to NaN within a step.
+    jacobian, losses = steps()[0]
+    cases = [(jacobian * (-1.0) ** step, losses) for step in range(STEPS)]
+    want_directions, _ = sdmgrad_reference(cases)
+    method = built(weighting.SDMGrad(), 3, num_columns=7)
+    for (jacobian, losses), want in zip(cases, want_directions):
+        direction, coefficients = compiled_aggregate(method, jacobian, losses)
+        assert np.all(np.isfinite(coefficients))
+        np.testing.assert_allclose(np.sum(coefficients), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(direction, want, rtol=1e-4, atol=1e-6)
+
+
 def test_db_mtl_gives_each_task_the_largest_norm():
     # Orthogonal gradients on losses 1 and 4: the log takes g / L, then each
     # moving average is rescaled to the largest norm, here task 0's.
@@ -222,6 +238,16 @@ def test_the_simplex_projection_matches_the_sort_algorithm():
             )
         )
         np.testing.assert_allclose(got, simplex_projection(values), atol=1e-6)
+    # Values in the millions: the threshold keeps the simplex's 1.
+    for _ in range(20):
+        values = (rng.normal(size=int(rng.integers(2, 9))) * 1e7).astype("float32")
+        got = to_numpy(
+            project_to_simplex(
+                keras.ops.convert_to_tensor(values), keras.ops.ones(len(values))
+            )
+        )
+        want = simplex_projection(values.astype("float64"))
+        np.testing.assert_allclose(got, want, atol=1e-6)
     # An absent task takes no part: the others are projected on their own.
     values = keras.ops.convert_to_tensor([0.3, 5.0, 0.2])
     got = to_numpy(project_to_simplex(values, keras.ops.convert_to_tensor([1, 0, 1.0])))

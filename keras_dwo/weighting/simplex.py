@@ -15,6 +15,11 @@ def project_to_simplex(values, present):
     largest `k` with `u_k > (sum_{j<=k} u_j - 1) / k`, and the projection is
     `max(v - theta, 0)` with `theta` that threshold at `k`.
 
+    The values are first shifted so that the largest present one is 0,
+    which leaves the projection unchanged: with large values (in the
+    millions, in float32) the threshold would lose the simplex's 1 to
+    rounding, and the result would leave the simplex.
+
     Args:
         values: `(T,)` float tensor.
         present: `(T,)` 0/1 mask; the absent tasks get 0 and take no part.
@@ -23,6 +28,8 @@ def project_to_simplex(values, present):
         The `(T,)` projection: non-negative, summing to 1 over the present
         tasks (all zeros where none is present).
     """
+    masked = ops.where(present > 0, values, ABSENT)
+    values = values - ops.amax(masked)
     masked = ops.where(present > 0, values, ABSENT)
     ordered = ops.flip(ops.sort(masked))
     cumulative = ops.cumsum(ordered)
