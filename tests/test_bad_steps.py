@@ -87,9 +87,20 @@ def _attacks(x, y):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_bad_step_changes_nothing_and_training_goes_on(method):
+    _assert_bad_steps_change_nothing(method)
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_a_bad_step_changes_nothing_under_jit_compile(method):
+    # On torch, jit_compile=True compiles parts of the step, the optimizer's
+    # update among them; TensorFlow and JAX compile the whole step.
+    _assert_bad_steps_change_nothing(method, jit_compile=True)
+
+
+def _assert_bad_steps_change_nothing(method, **compile_kwargs):
     x, y = two_task_data(32)
     model = two_task_model(method)
-    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES, **compile_kwargs)
     model.train_on_batch(x, y)
     for attack, (bad_x, bad_y) in _attacks(x, y).items():
         before = _state(model)
@@ -179,8 +190,9 @@ def test_empty_data_is_an_error_that_changes_nothing():
     assert np.isfinite(model.fit(x, y, verbose=0).history["loss"][0])
 
 
+@pytest.mark.parametrize("jit_compile", ["auto", True])
 @pytest.mark.parametrize("method", MIXED_PRECISION_METHODS)
-def test_mixed_precision_overflow_changes_no_method_state(method):
+def test_mixed_precision_overflow_changes_no_method_state(method, jit_compile):
     """A task whose loss overflows float16 at the initial loss scale."""
     keras.config.set_dtype_policy("mixed_float16")
     rng = np.random.default_rng(0)
@@ -196,7 +208,7 @@ def test_mixed_precision_overflow_changes_no_method_state(method):
     model = keras_dwo.DynamicWeightedModel(
         inputs, {"label": label, "value": value}, weighting=method
     )
-    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES, jit_compile=jit_compile)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     state = model.weighting.non_trainable_variables
     before = [to_numpy(v).copy() for v in state]

@@ -370,6 +370,51 @@ def test_the_combination_compiles_into_one_graph(name):
     assert explanation.graph_count == 1, reasons
 
 
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="Only torch.compile splits a function into graphs at code it cannot "
+    "trace; TensorFlow and JAX trace the whole step or fail.",
+)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        keras.optimizers.Adam,
+        keras.optimizers.AdamW,
+        lambda: keras.optimizers.SGD(momentum=0.9, nesterov=True),
+        lambda: keras.optimizers.Adam(global_clipnorm=1.0),
+    ],
+    ids=["adam", "adamw", "sgd_momentum", "adam_clipped"],
+)
+def test_the_optimizer_update_compiles_into_one_graph(optimizer):
+    # With jit_compile=True the torch step compiles the optimizer's update,
+    # as `_compiled_optimizer_apply` does: Keras's Adam took 1.4 ms eagerly
+    # and 0.5 ms compiled on a 300k-parameter network, SGD with momentum
+    # 0.53 and 0.31; split into graphs, SGD's took 0.86.
+    import torch
+
+    model = two_task_model("upgrad")
+    model.compile(optimizer=optimizer(), loss=TWO_TASK_LOSSES, jit_compile=True)
+    model.train_on_batch(*two_task_data(32))
+    variables = model.trainable_variables
+    state = variables + model.optimizer.variables
+    gradients = [torch.full_like(v.value, 0.1) for v in variables]
+    before = variable_values(state)
+    model._optimizer_apply(gradients, variables)
+    eager = variable_values(state)
+    for variable, value in zip(state, before):
+        variable.assign(value)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        explanation = torch._dynamo.explain(model._optimizer_apply)(
+            gradients, variables
+        )
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1, reasons
+    # The compiled update is the eager one.
+    for want, got in zip(eager, variable_values(state)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(eager[0], before[0])
+
+
 @pytest.mark.parametrize(
     "method", every_on_torch(["uncertainty", "upgrad", "mgda_ub"], elsewhere=["upgrad"])
 )
