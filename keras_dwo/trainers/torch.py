@@ -199,9 +199,9 @@ class TorchTrainer(StatefulTrainer):
     The steps run eagerly. With `jit_compile=True`, parts of the step are
     compiled with `torch.compile` (and compiled again by PyTorch for a new
     shape): the optimizer's update, the method's combination of the task
-    gradients, and the forward
-    pass with the task losses for a loss-level method or a gradient-level
-    one with at most `MOST_TASKS_WITH_COMPILED_FORWARD` tasks (with
+    gradients, and the forward pass with the task losses for a loss-level
+    method or a gradient-level one with at most
+    `MOST_TASKS_WITH_COMPILED_FORWARD` tasks (with
     `wrt="representation"`, the trunk and the heads apart, since the step
     differentiates with respect to the trunk's outputs). Through a compiled
     forward pass the task-specific gradients come from the per-task passes.
