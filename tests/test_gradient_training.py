@@ -24,6 +24,13 @@ GRADIENT_METHODS = sorted(
 )
 
 
+torch_compile_only = pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="Only torch.compile splits a function into graphs at code it cannot "
+    "trace; TensorFlow and JAX trace the whole step or fail.",
+)
+
+
 def trained_variables(
     method, epochs=2, regularizer=None, samples=128, **compile_kwargs
 ):
@@ -334,11 +341,7 @@ def test_jit_compile_takes_the_steps_of_the_eager_step(method):
         )
 
 
-@pytest.mark.skipif(
-    BACKEND != "torch",
-    reason="Only torch.compile splits a function into graphs at code it cannot "
-    "trace; TensorFlow and JAX trace the whole step or fail.",
-)
+@torch_compile_only
 @pytest.mark.parametrize(
     "name",
     # GradDrop's random signs come from Keras's seed generator, which Keras
@@ -370,11 +373,7 @@ def test_the_combination_compiles_into_one_graph(name):
     assert explanation.graph_count == 1, reasons
 
 
-@pytest.mark.skipif(
-    BACKEND != "torch",
-    reason="Only torch.compile splits a function into graphs at code it cannot "
-    "trace; TensorFlow and JAX trace the whole step or fail.",
-)
+@torch_compile_only
 @pytest.mark.parametrize(
     "optimizer",
     [

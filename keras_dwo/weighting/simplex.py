@@ -28,8 +28,7 @@ def project_to_simplex(values, present):
         The `(T,)` projection: non-negative, summing to 1 over the present
         tasks (all zeros where none is present).
     """
-    masked = ops.where(present > 0, values, ABSENT)
-    values = values - ops.amax(masked)
+    values = values - ops.amax(ops.where(present > 0, values, ABSENT))
     masked = ops.where(present > 0, values, ABSENT)
     ordered = ops.flip(ops.sort(masked))
     cumulative = ops.cumsum(ordered)
