@@ -1,5 +1,6 @@
 """Shared fixtures: every test runs on the backend that KERAS_BACKEND names."""
 
+import collections
 import gc
 
 import keras
@@ -41,6 +42,36 @@ def every_on_torch(every, elsewhere=None):
     chosen = [name for name in every if name in elsewhere]
     assert chosen, f"none of {sorted(elsewhere)} in {every}"
     return chosen
+
+
+# The files that take longest, handed out first in this order: the examples'
+# quick modes and the replicas start processes, the compiled steps compile.
+LONGEST_FILES = (
+    "test_examples.py",
+    "test_gradient_training.py",
+    "test_distribution.py",
+    "test_torch_processes.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the test files for the suites' workers: the longest first.
+
+    The suites run one test file per process (`--dist loadfile`, with
+    `--no-loadscope-reorder`, so in this order): LONGEST_FILES first, then
+    the others by their number of tests. A long file handed out last would
+    run on one core while the others wait.
+    """
+    counts = collections.Counter(item.path for item in items)
+
+    def rank(item):
+        name = item.path.name
+        first = (
+            LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+        )
+        return first, -counts[item.path]
+
+    items.sort(key=rank)
 
 
 # clear_session, before each test, collects garbage, which walks every
