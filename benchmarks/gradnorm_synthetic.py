@@ -11,8 +11,9 @@ head per task, squared loss, Adam, GradNorm with `alpha = 0.12`.
 Two cases: T = 2 with sigma = (1, 100), and T = 10 with sigma = (48, 3, 54,
 16, 9, 30, 52, 26, 47, 81). Metric, as in the paper: the sum over tasks of
 `L_i(t) / L_i(0)` on a fixed test set (lower is better; T at the start).
-Methods: equal weights, uncertainty weighting, GradNorm, DWA, MGDA, IMTL-G
-and FAMO, all through `DynamicWeightedModel.fit`.
+Methods: equal weights, uncertainty weighting, GradNorm, DWA, MGDA, IMTL-G,
+FAMO, DB-MTL, MoCo, ExcessMTL, MoDo and SDMGrad, all through
+`DynamicWeightedModel.fit`.
 
 The paper reports that with equal weights the large-sigma tasks dominate,
 that GradNorm raises the weights of the small-sigma tasks and beats equal
