@@ -166,7 +166,7 @@ def main():
     args = parser.parse_args()
     epochs = 6 if args.quick else args.epochs
     methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
-    if args.quick and not {"equal", "gradnorm"} <= set(methods):
+    if args.quick and not set(QUICK_METHODS) <= set(methods):
         parser.error("--quick compares GradNorm with equal weights: keep both.")
     cases = {"T=2": CASES["T=2"]} if args.quick else CASES
     output = pathlib.Path(args.output)
