@@ -342,16 +342,12 @@ def test_jit_compile_takes_the_steps_of_the_eager_step(method):
 
 
 @torch_compile_only
-@pytest.mark.parametrize(
-    "name",
-    # GradDrop's random signs come from Keras's seed generator, which Keras
-    # keeps out of torch.compile.
-    [name for name in GRADIENT_METHODS if name != "graddrop"],
-)
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_the_combination_compiles_into_one_graph(name):
     # With jit_compile=True the torch step compiles the combination of the
     # task gradients. Keras's torch `ops.max` and `ops.min` break a graph:
-    # Aligned-MTL's combination ran as ten graphs, 1.5 ms of a 15 ms step.
+    # Aligned-MTL's combination ran as ten graphs, 1.5 ms of a 15 ms step;
+    # so did Keras's torch random draws (GradDrop's signs).
     import torch
 
     model = two_task_model(_fresh(name))
@@ -371,6 +367,66 @@ def test_the_combination_compiles_into_one_graph(name):
     )
     reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
     assert explanation.graph_count == 1, reasons
+
+
+RANDOM_METHODS = ["pcgrad", "gradvac", "graddrop"]
+
+
+def _three_task_gradients():
+    import torch
+
+    generator = np.random.default_rng(1)
+    return [
+        torch.as_tensor(generator.normal(size=(3, 6, 5)), dtype=torch.float32),
+        torch.as_tensor(generator.normal(size=(3, 5)), dtype=torch.float32),
+    ], torch.tensor([0.7, 1.3, 1.0])
+
+
+@torch_compile_only
+@pytest.mark.parametrize("name", RANDOM_METHODS)
+def test_random_draws_compile_into_the_combination(name):
+    # From three tasks on, PCGrad and GradVac draw the orders of the other
+    # tasks; GradDrop draws at every number of tasks.
+    import torch
+
+    from keras_dwo import aggregation
+
+    method = built(_fresh(name), 3, 35)
+    explanation = torch._dynamo.explain(
+        lambda gradients, losses: aggregation.combine(method, gradients, losses)
+    )(*_three_task_gradients())
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1, reasons
+
+
+@torch_compile_only
+def test_compiled_draws_are_the_eager_draws():
+    # GradDrop's signs depend on every draw: a compiled combination, whose
+    # draws are torch.compile's code, gives the eager combination's result
+    # and leaves the generator in the same state.
+    import torch
+
+    from keras_dwo import aggregation
+
+    gradients, losses = _three_task_gradients()
+    eager, compiled = (built(_fresh("graddrop"), 3, 35) for _ in range(2))
+    combine = torch.compile(
+        lambda task_gradients, task_losses: aggregation.combine(
+            compiled, task_gradients, task_losses
+        )
+    )
+    for _ in range(3):
+        expected, expected_weights = aggregation.combine(eager, gradients, losses)
+        result, weights = combine(gradients, losses)
+        np.testing.assert_allclose(
+            to_numpy(weights), to_numpy(expected_weights), rtol=1e-6
+        )
+        for got, want in zip(result, expected):
+            np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-6)
+    np.testing.assert_array_equal(
+        to_numpy(compiled.seed_generator.state.value),
+        to_numpy(eager.seed_generator.state.value),
+    )
 
 
 @torch_compile_only

@@ -24,6 +24,9 @@ These serve `keras_dwo.TaskBalancer`,
   finite, a scalar boolean tensor.
 - `add_to_variables(variables, increments)`: adds each increment to its
   variable (`assign_add`; on torch one fused in-place update).
+- `uniform(seed_generator, shape)`: float32 draws from U[0, 1) that
+  advance the `keras.random.SeedGenerator`; Keras's own draws, except on
+  torch, where they are counter-based so that `torch.compile` traces them.
 - `STATELESS_OPTIMIZERS`: whether Keras's optimizers of the backend update
   in a `keras.StatelessScope` (not on TensorFlow).
 """
@@ -52,6 +55,7 @@ elif _BACKEND == "torch":
     from keras_dwo.trainers.torch import add_to_variables
     from keras_dwo.trainers.torch import run_if
     from keras_dwo.trainers.torch import runs_under_xla
+    from keras_dwo.trainers.torch import uniform
     from keras_dwo.trainers.torch import value_and_jacobian
     from keras_dwo.trainers.torch import values_are_finite
 else:
@@ -67,6 +71,10 @@ if _BACKEND != "torch":
         for variable, increment in zip(variables, increments):
             variable.assign_add(increment)
 
+    def uniform(seed_generator, shape):
+        """Float32 draws from U[0, 1) of `shape`; advances `seed_generator`."""
+        return keras.random.uniform(shape, seed=seed_generator, dtype="float32")
+
 
 __all__ = [
     "STATELESS_OPTIMIZERS",
@@ -74,6 +82,7 @@ __all__ = [
     "Trainer",
     "run_if",
     "runs_under_xla",
+    "uniform",
     "value_and_jacobian",
     "values_are_finite",
 ]

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_dwo import trainers
+
 
 class RandomState:
     """Mixin of weighting methods whose random state is `self.seed_generator`.
@@ -33,14 +35,14 @@ class RandomState:
         self.seed_generator.state.assign(store["seed_state"])
 
     def uniform(self, shape, training):
-        """Returns float32 draws from U[0, 1).
+        """Returns float32 draws from U[0, 1) (`keras_dwo.trainers.uniform`).
 
         Outside training the generator is left where it was, so the draws
         preview those of the next training step and the state is unchanged.
         """
         # A copy: some backends assign variables in place.
         state = ops.copy(self.seed_generator.state.value)
-        draws = keras.random.uniform(shape, seed=self.seed_generator, dtype="float32")
+        draws = trainers.uniform(self.seed_generator, shape)
         if not training:
             self.seed_generator.state.assign(state)
         return draws
@@ -55,8 +57,6 @@ class RandomState:
         """
         num_tasks = self.num_tasks
         if num_tasks == 2:
-            # Also keeps a compiled torch combination in one graph:
-            # `torch.compile` does not trace Keras's torch generator.
             return ops.one_hot(ops.convert_to_tensor([[1], [0]]), 2, dtype="float32")
         scores = self.uniform((num_tasks, num_tasks), training)
         # Scores below 1, except on the diagonal: each task sorts itself last.
