@@ -400,33 +400,28 @@ def test_random_draws_compile_into_the_combination(name):
 
 
 @torch_compile_only
-def test_compiled_draws_are_the_eager_draws():
-    # GradDrop's signs depend on every draw: a compiled combination, whose
-    # draws are torch.compile's code, gives the eager combination's result
-    # and leaves the generator in the same state.
+def test_compiled_draws_are_uniform_and_follow_the_seed():
+    # Under torch.compile the draws are counter-based (Keras's are not
+    # traced): determined by the generator's state, which each draw
+    # advances by one, as Keras's do eagerly.
     import torch
 
-    from keras_dwo import aggregation
-
-    gradients, losses = _three_task_gradients()
-    eager, compiled = (built(_fresh("graddrop"), 3, 35) for _ in range(2))
-    combine = torch.compile(
-        lambda task_gradients, task_losses: aggregation.combine(
-            compiled, task_gradients, task_losses
-        )
-    )
-    for _ in range(3):
-        expected, expected_weights = aggregation.combine(eager, gradients, losses)
-        result, weights = combine(gradients, losses)
-        np.testing.assert_allclose(
-            to_numpy(weights), to_numpy(expected_weights), rtol=1e-6
-        )
-        for got, want in zip(result, expected):
-            np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-6)
+    method, same_seed = (built(_fresh("pcgrad"), 3) for _ in range(2))
+    draw = torch.compile(lambda: method.uniform((64, 64), training=True))
+    state = to_numpy(method.seed_generator.state.value).copy()
+    first, second = to_numpy(draw()), to_numpy(draw())
     np.testing.assert_array_equal(
-        to_numpy(compiled.seed_generator.state.value),
-        to_numpy(eager.seed_generator.state.value),
+        to_numpy(method.seed_generator.state.value), state + [0, 2]
     )
+    assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
+    # Pearson's statistic over 16 equal bins; 37.7 is the 0.001 quantile
+    # of a chi-squared law with 15 degrees of freedom.
+    counts = np.histogram(first, bins=16, range=(0.0, 1.0))[0]
+    expected = first.size / 16
+    assert np.sum((counts - expected) ** 2 / expected) < 37.7
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05
+    draw_again = torch.compile(lambda: same_seed.uniform((64, 64), training=True))
+    np.testing.assert_array_equal(to_numpy(draw_again()), first)
 
 
 @torch_compile_only

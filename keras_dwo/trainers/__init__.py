@@ -25,8 +25,9 @@ These serve `keras_dwo.TaskBalancer`,
 - `add_to_variables(variables, increments)`: adds each increment to its
   variable (`assign_add`; on torch one fused in-place update).
 - `uniform(seed_generator, shape)`: float32 draws from U[0, 1) that
-  advance the `keras.random.SeedGenerator`; Keras's own draws, except on
-  torch, where they are counter-based so that `torch.compile` traces them.
+  advance the `keras.random.SeedGenerator`: Keras's own draws, except
+  under `torch.compile`, where they are counter-based so that it traces
+  them.
 - `STATELESS_OPTIMIZERS`: whether Keras's optimizers of the backend update
   in a `keras.StatelessScope` (not on TensorFlow).
 """

@@ -175,15 +175,16 @@ _LOW_32_BITS = 0xFFFFFFFF
 def _times(values, factor):
     """`values * factor` modulo 2**32, for int64 values below 2**32.
 
-    The factor is taken in 16-bit halves, so that no product overflows.
+    A factor from 2**31 on is taken as its negative equivalent modulo
+    2**32, so that no product overflows.
     """
-    low, high = factor & 0xFFFF, factor >> 16
-    return (values * low + (((values * high) & 0xFFFF) << 16)) & _LOW_32_BITS
+    if factor >= 1 << 31:
+        factor -= 1 << 32
+    return (values * factor) & _LOW_32_BITS
 
 
 def _mix_32_bits(values):
-    """A bijective hash of the low 32 bits of int64 `values` (lowbias32)."""
-    values = values & _LOW_32_BITS
+    """A bijective hash of int64 values below 2**32 (lowbias32)."""
     values = values ^ (values >> 16)
     values = _times(values, 0x7FEB352D)
     values = values ^ (values >> 15)
@@ -194,23 +195,28 @@ def _mix_32_bits(values):
 def uniform(seed_generator, shape):
     """Float32 draws from U[0, 1) of `shape`; advances `seed_generator`.
 
-    Keras's torch draws seed a `torch.Generator` on the host, which
-    `torch.compile` cannot trace: each draw broke a compiled combination of
-    the task gradients into graphs (GradDrop's combination of a
-    `(4, 300k)` Jacobian took 13.6 ms in 9 graphs, 5.4 ms in one; PCGrad's
-    at T = 4 1.9 ms against 1.2). These draws are counter-based instead, in
-    ops that it traces: entry i of the draw that the state `(seed, c)`
-    keys is a hash of (seed, c, i), its 24 high bits scaled to [0, 1); the
-    draw then moves the state to `(seed, c + 1)`, as Keras's
-    `SeedGenerator.next` does. The same seed gives the same draws, compiled
-    or not.
+    Eagerly these are Keras's draws. Keras's torch draws seed a
+    `torch.Generator` on the host, which `torch.compile` cannot trace: each
+    draw broke a compiled combination of the task gradients into graphs
+    (PCGrad's at T = 4 took 1.9 ms against 1.2 in one graph). Under
+    `torch.compile` the draws are counter-based instead, in ops that it
+    traces: entry i of the draw that the state `(seed, c)` keys is a hash
+    of (seed, c, i), its 24 high bits scaled to [0, 1); the state then
+    moves to `(seed, c + 1)`, as Keras's `SeedGenerator.next` moves it.
+    Both are determined by the state, but they are not the same numbers.
+    Eagerly the hash, a dozen passes over int64 values, took 6.9 ms for
+    300k draws (one per shared parameter for GradDrop) against Keras's 2.7.
     """
+    if not torch.compiler.is_compiling():
+        return keras.random.uniform(shape, seed=seed_generator, dtype="float32")
     state = seed_generator.state.value
     seed, counter = state.to(torch.int64)
     seed_generator.state.assign(state + torch.tensor([0, 1], dtype=state.dtype))
-    key = _mix_32_bits(_mix_32_bits(seed) ^ counter)
+    key = _mix_32_bits(_mix_32_bits(seed & _LOW_32_BITS) ^ counter)
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=state.device)
-    bits = _mix_32_bits(_mix_32_bits(index + _times(key, 0x9E3779B9)) ^ key)
+    bits = _mix_32_bits(
+        _mix_32_bits((index + _times(key, 0x9E3779B9)) & _LOW_32_BITS) ^ key
+    )
     return ((bits >> 8).to(torch.float32) / float(1 << 24)).reshape(shape)
 
 
