@@ -239,6 +239,18 @@ def compiled_aggregate(method, jacobian, losses):
     return to_numpy(direction), to_numpy(weights)
 
 
+def assert_uniform(draws):
+    """Asserts float32 draws in [0, 1) that Pearson's test finds uniform.
+
+    The statistic over 16 equal bins stays below 37.7, the 0.001 quantile
+    of a chi-squared law with 15 degrees of freedom.
+    """
+    assert draws.dtype == np.float32 and np.all((draws >= 0) & (draws < 1))
+    counts = np.histogram(draws, bins=16, range=(0.0, 1.0))[0]
+    expected = draws.size / 16
+    assert np.sum((counts - expected) ** 2 / expected) < 37.7
+
+
 def built(method, num_tasks, num_columns=None):
     """The method built for `num_tasks` tasks (and a Jacobian of `num_columns`)."""
     method.build([f"task_{i}" for i in range(num_tasks)])

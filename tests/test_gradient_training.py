@@ -11,6 +11,7 @@ from keras_dwo import weighting
 
 from conftest import BACKEND
 from conftest import TWO_TASK_LOSSES
+from conftest import assert_uniform
 from conftest import built
 from conftest import every_on_torch
 from conftest import summed_gradients_method
@@ -413,12 +414,7 @@ def test_compiled_draws_are_uniform_and_follow_the_seed():
     np.testing.assert_array_equal(
         to_numpy(method.seed_generator.state.value), state + [0, 2]
     )
-    assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
-    # Pearson's statistic over 16 equal bins; 37.7 is the 0.001 quantile
-    # of a chi-squared law with 15 degrees of freedom.
-    counts = np.histogram(first, bins=16, range=(0.0, 1.0))[0]
-    expected = first.size / 16
-    assert np.sum((counts - expected) ** 2 / expected) < 37.7
+    assert_uniform(first)
     assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05
     draw_again = torch.compile(lambda: same_seed.uniform((64, 64), training=True))
     np.testing.assert_array_equal(to_numpy(draw_again()), first)

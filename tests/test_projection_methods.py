@@ -12,6 +12,7 @@ from keras_dwo.weighting.gradvac import GradVac
 from keras_dwo.weighting.pcgrad import PCGrad
 
 from conftest import aggregate
+from conftest import assert_uniform
 from conftest import built
 from conftest import compiled_aggregate
 from conftest import to_numpy
@@ -378,12 +379,7 @@ def test_draws_are_uniform_and_advance_the_generator_by_one():
     np.testing.assert_array_equal(
         variable_value(method.seed_generator.state), state + [0, 1]
     )
-    assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
-    # Pearson's statistic over 16 equal bins; 37.7 is the 0.001 quantile
-    # of a chi-squared law with 15 degrees of freedom.
-    counts = np.histogram(first, bins=16, range=(0.0, 1.0))[0]
-    expected = first.size / 16
-    assert np.sum((counts - expected) ** 2 / expected) < 37.7
+    assert_uniform(first)
     second = to_numpy(method.uniform((64, 64), training=True))
     assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05
     same_seed = built(PCGrad(seed=3), 3)
