@@ -239,16 +239,25 @@ def compiled_aggregate(method, jacobian, losses):
     return to_numpy(direction), to_numpy(weights)
 
 
-def assert_uniform(draws):
-    """Asserts float32 draws in [0, 1) that Pearson's test finds uniform.
+def assert_seeded_uniform_draws(draw, draw_with_the_same_seed, seed_generator):
+    """Asserts what every `draw()` of a method's random state must give.
 
-    The statistic over 16 equal bins stays below 37.7, the 0.001 quantile
-    of a chi-squared law with 15 degrees of freedom.
+    Float32 draws in [0, 1) that Pearson's test finds uniform (the
+    statistic over 16 equal bins below 37.7, the 0.001 quantile of a
+    chi-squared law with 15 degrees of freedom); the generator advanced by
+    one per draw; a second draw uncorrelated with the first; the same draws
+    from a method with the same seed.
     """
-    assert draws.dtype == np.float32 and np.all((draws >= 0) & (draws < 1))
-    counts = np.histogram(draws, bins=16, range=(0.0, 1.0))[0]
-    expected = draws.size / 16
+    state = to_numpy(seed_generator.state.value).copy()
+    first = to_numpy(draw())
+    np.testing.assert_array_equal(to_numpy(seed_generator.state.value), state + [0, 1])
+    assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
+    counts = np.histogram(first, bins=16, range=(0.0, 1.0))[0]
+    expected = first.size / 16
     assert np.sum((counts - expected) ** 2 / expected) < 37.7
+    second = to_numpy(draw())
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05
+    np.testing.assert_array_equal(to_numpy(draw_with_the_same_seed()), first)
 
 
 def built(method, num_tasks, num_columns=None):
