@@ -343,6 +343,23 @@ def test_jit_compile_takes_the_steps_of_the_eager_step(method):
         )
 
 
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_jit_compile_logs_the_metrics_of_the_eager_step(method):
+    # On torch, jit_compile=True compiles the update of the logs with the
+    # compiled metrics; on TensorFlow and JAX, Keras compiles the whole step.
+    metrics = {"label": ["sparse_categorical_accuracy"], "value": ["mae"]}
+    _, expected = trained_variables(
+        method, samples=120, run_eagerly=True, metrics=metrics
+    )
+    _, actual = trained_variables(
+        method, samples=120, jit_compile=True, metrics=metrics
+    )
+    assert "value_mae" in expected and "label_sparse_categorical_accuracy" in expected
+    assert sorted(actual) == sorted(expected)
+    for key, values in expected.items():
+        np.testing.assert_allclose(actual[key], values, rtol=1e-5, err_msg=key)
+
+
 @torch_compile_only
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_the_combination_compiles_into_one_graph(name):
