@@ -360,6 +360,32 @@ def test_jit_compile_logs_the_metrics_of_the_eager_step(method):
         np.testing.assert_allclose(actual[key], values, rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="Counts torch.compile's compilations: TensorFlow and JAX trace the "
+    "whole step, where whether it is applied is a tensor already.",
+)
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_a_skipped_step_compiles_nothing_again(method):
+    # The compiled end of the torch step takes whether the step was applied
+    # as a tensor: a Python bool would be compiled again at the first
+    # skipped step, seconds in the middle of training.
+    from torch._dynamo.utils import counters
+
+    x, y = two_task_data(32)
+    model = two_task_model(method)
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES, jit_compile=True)
+    model.train_on_batch(x, y)
+    model.train_on_batch(x, y)
+    compiled = counters["frames"]["ok"]
+    logs = model.train_on_batch(
+        x, {**y, "value": np.full_like(y["value"], np.nan)}, return_dict=True
+    )
+    assert logs["skipped_steps"] == 1.0
+    model.train_on_batch(x, y)
+    assert counters["frames"]["ok"] == compiled
+
+
 @torch_compile_only
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_the_combination_compiles_into_one_graph(name):

@@ -569,11 +569,10 @@ class TorchTrainer(StatefulTrainer):
                 task_losses, label_counts, processes
             )
         objective = objective.detach()
-        applied = bool(
-            self.step_is_finite(
-                detached, objective, gradients, [v.value for v in state]
-            )
+        finite = self.step_is_finite(
+            detached, objective, gradients, [v.value for v in state]
         )
+        applied = bool(finite)
         with torch.no_grad():
             self.apply_keeping_absent_tasks(
                 lambda: self.guarded_optimizer_apply(applied, gradients), label_counts
@@ -590,17 +589,20 @@ class TorchTrainer(StatefulTrainer):
         finish = self._record_and_report
         if self._compiles():
             finish = self._compiled(finish)
-        return finish(
-            objective,
-            detached,
-            weights,
-            x,
-            y,
-            y_pred,
-            sample_weight,
-            label_counts,
-            applied,
-        )
+        # `finite`, a tensor, not `applied`: a compiled call specialises on a
+        # Python bool, and would compile again at the first skipped step.
+        with torch.no_grad():
+            return finish(
+                objective,
+                detached,
+                weights,
+                x,
+                y,
+                y_pred,
+                sample_weight,
+                label_counts,
+                finite,
+            )
 
     def _record_and_report(
         self,
@@ -616,5 +618,4 @@ class TorchTrainer(StatefulTrainer):
     ):
         """Updates the logs and returns the metrics' results."""
         self.record_step(objective, task_losses, weights, x, label_counts, applied)
-        with torch.no_grad():
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
