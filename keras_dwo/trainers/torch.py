@@ -256,9 +256,8 @@ class TorchTrainer(StatefulTrainer):
     compiled with `torch.compile` (and compiled again by PyTorch for a new
     shape): the optimizer's update, the method's combination of the task
     gradients, the update of the logs and metrics, and the forward pass
-    with the task losses for a loss-level
-    method or a gradient-level one with at most
-    `MOST_TASKS_WITH_COMPILED_FORWARD` tasks (with
+    with the task losses for a loss-level method or a gradient-level one
+    with at most `MOST_TASKS_WITH_COMPILED_FORWARD` tasks (with
     `wrt="representation"`, the trunk and the heads apart, since the step
     differentiates with respect to the trunk's outputs). Through a compiled
     forward pass the task-specific gradients come from the per-task passes.
@@ -409,7 +408,7 @@ class TorchTrainer(StatefulTrainer):
         # into `own_losses`), scaled as in `scaled_losses`: every map from
         # the stacked losses to those is elementwise. With one process it is
         # a product by the task weights and the loss scale, whose factors
-        # need no backward pass (about 50 microseconds a step).
+        # need no backward pass.
         if task_losses is own_losses:
             scales = self.optimizer.scale_loss(self.task_weights.value)
         else:
