@@ -54,8 +54,9 @@ def checked_task_names(names):
         raise ValueError(
             "DynamicWeightedModel needs at least two tasks (outputs, or loss "
             f"terms of one output); received {len(names)}: {list(names)}. Give "
-            "an output several loss terms (a list of losses), or use a plain "
-            "keras.Model for a single task."
+            "an output several loss terms (a list of losses, as in "
+            "`loss={'box': ['mse', 'mae']}`), or use a plain keras.Model for a "
+            "single task."
         )
     if len(set(names)) != len(names):
         raise ValueError(f"Task names must be unique; received {list(names)}.")
@@ -66,7 +67,8 @@ def by_name(structure, names, what, dict_outputs=False, kind="output"):
     """Returns `structure` (a dict by name or a sequence) in the order of `names`.
 
     Args:
-        structure: A dict keyed by name, or a list or tuple in order.
+        structure: A dict keyed by name, or a list or tuple in order; with
+            one name, also the value alone.
         names: The output (or task) names, in order.
         what: What the structure holds, for error messages ("loss", "target").
         dict_outputs: Whether the model's outputs are a dict. Keras pairs a
@@ -90,6 +92,10 @@ def by_name(structure, names, what, dict_outputs=False, kind="output"):
                 f"No {what} for {kind}(s) {missing}; the {kind}s are {names}."
             )
         return [structure[name] for name in names]
+    if not isinstance(structure, (list, tuple)) and len(names) == 1:
+        # One output: its value alone is unambiguous (Keras hands a
+        # single-output model's prediction over bare, as users give targets).
+        return [structure]
     if isinstance(structure, (list, tuple)) and len(structure) == len(names):
         if dict_outputs:
             raise ValueError(
@@ -171,6 +177,7 @@ def loss_tasks(loss, output_names):
             `keras.losses.Loss`, as Keras applies it to every output), or one
             per output as a dict keyed by output name or a list in output
             order, where an output's loss may be a list or dict of terms.
+            With one output, a list of several losses is its terms.
         output_names: The names of the model's outputs, in order.
 
     Returns:
@@ -185,6 +192,9 @@ def loss_tasks(loss, output_names):
         raise ValueError(f"`loss` is required: one loss per output {output_names}.")
     if is_single_loss(loss):
         per_output = [loss] * len(output_names)
+    elif isinstance(loss, (list, tuple)) and len(output_names) == 1 and len(loss) > 1:
+        # Several losses for the only output can only be its terms.
+        per_output = [loss]
     else:
         per_output = by_name(loss, output_names, "loss")
     names, outputs, losses = [], [], []

@@ -91,6 +91,53 @@ def test_one_output_with_two_terms_is_two_tasks():
     assert np.isfinite(history["value_squared_plus_absolute_loss"][0])
 
 
+def _one_output_model(outputs_form, weighting):
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(shape=(6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    value = keras.layers.Dense(1, name="value")(hidden)
+    outputs = {"dict": {"value": value}, "list": [value], "tensor": value}
+    return keras_dwo.DynamicWeightedModel(
+        inputs, outputs[outputs_form], weighting=weighting
+    )
+
+
+@pytest.mark.parametrize("weighting", every_on_torch(["uncertainty", "upgrad"]))
+@pytest.mark.parametrize(
+    "outputs_form, loss, target_form",
+    [
+        ("dict", ["mse", "mae"], "bare"),
+        ("list", {"value": ["mse", "mae"]}, "bare"),
+        ("list", ["mse", "mae"], "list"),
+        ("list", ["mse", "mae"], "dict"),
+        ("tensor", {"output": ["mse", "mae"]}, "bare"),
+        ("tensor", ["mse", "mae"], "list"),
+    ],
+)
+def test_one_output_with_terms_takes_every_form_of_output_and_target(
+    weighting, outputs_form, loss, target_form
+):
+    x, y = two_task_data(64)
+    target = y["value"]
+    reference = _one_output_model("dict", weighting)
+    reference.compile(optimizer="sgd", loss={"value": ["mse", "mae"]})
+    expected = reference.fit(
+        x, {"value": target}, epochs=2, batch_size=16, shuffle=False, verbose=0
+    ).history["loss"]
+    model = _one_output_model(outputs_form, weighting)
+    model.compile(optimizer="sgd", loss=loss)
+    name = "output" if outputs_form == "tensor" else "value"
+    assert model.task_names == (f"{name}_mse", f"{name}_mae")
+    targets = {"bare": target, "list": [target], "dict": {name: target}}
+    history = model.fit(
+        x, targets[target_form], epochs=2, batch_size=16, shuffle=False, verbose=0
+    ).history
+    np.testing.assert_allclose(history["loss"], expected, rtol=1e-5)
+    assert history["skipped_steps"][-1] == 0
+    logs = model.evaluate(x, targets[target_form], verbose=0, return_dict=True)
+    assert np.isfinite(logs[f"{name}_mae_loss"])
+
+
 @pytest.mark.parametrize(
     "loss, message",
     [
