@@ -49,9 +49,10 @@ def test_dwa_weights_follow_the_formula_from_logged_losses():
     )
 
 
-def test_dwa_rejects_a_non_positive_temperature():
-    with pytest.raises(ValueError, match="temperature"):
-        keras_dwo.callbacks.DynamicWeightAverage(temperature=0)
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan")])
+def test_dwa_rejects_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match="`temperature` must be positive"):
+        keras_dwo.callbacks.DynamicWeightAverage(temperature=temperature)
 
 
 def test_loss_weight_scheduler_sets_weights_each_epoch():

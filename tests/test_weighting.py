@@ -29,8 +29,17 @@ def test_equal_and_static():
     objective, weights = evaluate(built(weighting.Static([1.0, 0.5, 0.25])))
     assert objective == pytest.approx(0.5 + 1.0 + 2.0)
     np.testing.assert_allclose(weights, [1.0, 0.5, 0.25])
-    with pytest.raises(ValueError, match="2 weights for 3 tasks"):
+    with pytest.raises(ValueError, match="one weight per task .* received 2"):
         built(weighting.Static([1.0, 2.0]))
+    by_name = built(weighting.Static({"c": 0.25, "a": 1.0, "b": 0.5}))
+    np.testing.assert_allclose(evaluate(by_name)[1], [1.0, 0.5, 0.25])
+    assert weighting.get(keras.saving.serialize_keras_object(by_name)).get_config()[
+        "weights"
+    ] == {"c": 0.25, "a": 1.0, "b": 0.5}
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['d'\]"):
+        built(weighting.Static({"a": 1.0, "b": 1.0, "d": 1.0}))
+    with pytest.raises(ValueError, match="finite and non-negative.*b=inf"):
+        built(weighting.Static([1.0, float("inf"), 1.0]))
 
 
 def test_uncertainty_value_and_weights():
@@ -132,3 +141,42 @@ def test_a_weighting_instance_serves_one_model():
     two_task_model(method)
     with pytest.raises(ValueError, match="give each model its own instance"):
         two_task_model(method)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: weighting.Static([NAN, 1.0]), r"weights\[0\]"),
+        (lambda: weighting.Static([1.0, -1.0]), r"weights\[1\]"),
+        (lambda: weighting.GradNorm(alpha=NAN), "alpha"),
+        (lambda: weighting.GradNorm(learning_rate=-1.0), "learning_rate"),
+        (lambda: weighting.FAMO(learning_rate=0.0), "learning_rate"),
+        (lambda: weighting.FAMO(gamma=NAN), "gamma"),
+        (lambda: weighting.FAMO(beta_1=2.0), "beta_1"),
+        (lambda: weighting.FAMO(min_losses=[0.0, NAN]), r"min_losses\[1\]"),
+        (lambda: weighting.ScaleInvariant(epsilon=-1.0), "epsilon"),
+        (lambda: weighting.CAGrad(c=NAN), "`c`"),
+        (lambda: weighting.MoCo(beta=NAN), "beta"),
+        (lambda: weighting.MoDo(gamma=NAN), "gamma"),
+        (lambda: weighting.ExcessMTL(step_size=NAN), "step_size"),
+        (lambda: weighting.NashMTL(max_norm=NAN), "max_norm"),
+        (lambda: weighting.DBMTL(beta_sigma=NAN), "beta_sigma"),
+        (lambda: weighting.SDMGrad(regularization=NAN), "regularization"),
+        (lambda: weighting.STCH(epsilon=NAN), "epsilon"),
+        (lambda: weighting.GradVac(beta=NAN), "beta"),
+        (lambda: weighting.Uncertainty(initial_log_variance=NAN), "initial_log"),
+    ],
+)
+def test_a_nan_or_out_of_range_argument_is_refused_by_name(make, argument):
+    with pytest.raises(ValueError, match=f"{argument}.* must be .*received"):
+        make()
+
+
+def test_regression_tasks_may_name_one_task():
+    method = built(weighting.Uncertainty(regression_tasks="b"))
+    _, weights = evaluate(method)
+    # The paper's factor 1/2 on the regression task's precision only.
+    np.testing.assert_allclose(weights, [1.0, 0.5, 1.0])

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_dwo import trainers
+from keras_dwo.arguments import checked_number
 
 # The finite difference's step, relative to the validation gradient's norm
 # (the authors' code).
@@ -91,14 +92,8 @@ class AutoLambda(keras.callbacks.Callback):
             raise ValueError(
                 f"`batch_size` must be a positive integer; received {batch_size}."
             )
-        if learning_rate <= 0.0:
-            raise ValueError(
-                f"`learning_rate` must be positive; received {learning_rate}."
-            )
-        if initial_weight is not None and initial_weight < 0.0:
-            raise ValueError(
-                f"`initial_weight` must be >= 0; received {initial_weight}."
-            )
+        if initial_weight is not None:
+            initial_weight = checked_number("initial_weight", initial_weight, low=0)
         if not isinstance(validation_data, (list, tuple)) or len(validation_data) != 2:
             raise ValueError("`validation_data` must be a pair `(x_val, y_val)`.")
         self.train = (x, y)
@@ -107,7 +102,9 @@ class AutoLambda(keras.callbacks.Callback):
         self.every = int(every)
         self.primary_tasks = None if primary_tasks is None else list(primary_tasks)
         self.initial_weight = initial_weight
-        self.learning_rate = float(learning_rate)
+        self.learning_rate = checked_number(
+            "learning_rate", learning_rate, low=0, low_open=True
+        )
         self._rng = np.random.default_rng(seed)
         self._moments = None
 

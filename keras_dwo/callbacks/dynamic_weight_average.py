@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.task_weights import validated_task_weights
 
 
@@ -42,9 +43,9 @@ class DynamicWeightAverage(keras.callbacks.Callback):
 
     def __init__(self, temperature=2.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be positive; received {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = checked_number(
+            "temperature", temperature, low=0, low_open=True
+        )
 
     def dwa_weights(self, history):
         """Returns the DWA weights for a `(2, T)` array of epoch losses."""

@@ -3,12 +3,24 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
+
 # The largest |s_i| of learned log-scales. A loss that stays at 0 pulls its
 # s_i by the learning rate at every step, without end, until exp overflows
 # and the objective is inf * 0. Within the bound the weights exp(-s_i) lie
 # between 2e-9 and 5e8: the optimum s_i = log(L_i) of losses from 2e-9 to
 # 5e8 is reachable, and exp(-s_i) L_i is finite for any loss below 7e29.
 MAX_ABS_LOG_VARIANCE = 20.0
+
+
+def checked_initial_log_variance(value):
+    """Returns `value` as a float within the bounds of the log-variances."""
+    return checked_number(
+        "initial_log_variance",
+        value,
+        low=-MAX_ABS_LOG_VARIANCE,
+        high=MAX_ABS_LOG_VARIANCE,
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_dwo")
@@ -100,12 +112,7 @@ class UncertaintyWeighting(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_tasks = num_tasks
         self.regression = None if regression is None else [bool(r) for r in regression]
-        self.initial_log_variance = float(initial_log_variance)
-        if not abs(self.initial_log_variance) <= MAX_ABS_LOG_VARIANCE:
-            raise ValueError(
-                f"`initial_log_variance` must lie in [-{MAX_ABS_LOG_VARIANCE}, "
-                f"{MAX_ABS_LOG_VARIANCE}]; received {initial_log_variance}."
-            )
+        self.initial_log_variance = checked_initial_log_variance(initial_log_variance)
         self.log_variance_bounds = Bounded(-MAX_ABS_LOG_VARIANCE, MAX_ABS_LOG_VARIANCE)
         if num_tasks is not None:
             self.build((num_tasks,))

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting import min_norm
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
@@ -231,13 +232,11 @@ class CAGrad(GradientWeighting):
 
     def __init__(self, c=0.5, rescale=1, **kwargs):
         super().__init__(**kwargs)
-        if c < 0:
-            raise ValueError(f"`c` must be non-negative; received {c}.")
         if rescale not in RESCALES:
             raise ValueError(
                 f"`rescale` must be one of {RESCALES}; received {rescale!r}."
             )
-        self.c = float(c)
+        self.c = checked_number("c", c, low=0)
         self.rescale = int(rescale)
 
     def gram_weights(self, gram, losses, training=True, present=None):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import positive_presence
 
@@ -52,12 +53,8 @@ class DBMTL(GradientWeighting):
 
     def __init__(self, beta=0.9, beta_sigma=0.5, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"`beta` must be in [0, 1); received {beta}.")
-        if beta_sigma < 0.0:
-            raise ValueError(f"`beta_sigma` must be >= 0; received {beta_sigma}.")
-        self.beta = float(beta)
-        self.beta_sigma = float(beta_sigma)
+        self.beta = checked_number("beta", beta, low=0, high=1, high_open=True)
+        self.beta_sigma = checked_number("beta_sigma", beta_sigma, low=0)
 
     def build(self, task_names):
         super().build(task_names)

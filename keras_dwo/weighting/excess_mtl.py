@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 
@@ -52,9 +53,7 @@ class ExcessMTL(GradientWeighting):
 
     def __init__(self, step_size=0.01, **kwargs):
         super().__init__(**kwargs)
-        if step_size <= 0.0:
-            raise ValueError(f"`step_size` must be positive; received {step_size}.")
-        self.step_size = float(step_size)
+        self.step_size = checked_number("step_size", step_size, low=0, low_open=True)
 
     def build(self, task_names):
         super().build(task_names)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.gram import finite_gram
@@ -120,13 +121,11 @@ class FairGrad(GradientWeighting):
 
     def __init__(self, alpha=1.0, iterations=50, **kwargs):
         super().__init__(**kwargs)
-        if not float(alpha) > 0:
-            raise ValueError(f"`alpha` must be positive; received {alpha}.")
         if int(iterations) < 0:
             raise ValueError(
                 f"`iterations` must be non-negative; received {iterations}."
             )
-        self.alpha = float(alpha)
+        self.alpha = checked_number("alpha", alpha, low=0, low_open=True)
         self.iterations = int(iterations)
 
     def gram_weights(self, gram, losses, training=True, present=None):

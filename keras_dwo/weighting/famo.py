@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import positive_presence
@@ -80,12 +81,19 @@ class FAMO(LossWeighting):
             raise ValueError(f"`update` must be one of {UPDATES}; received {update!r}.")
         self.update_from = update
         self.updates_after_step = update == "same_batch"
-        self.learning_rate = float(learning_rate)
-        self.gamma = float(gamma)
-        self.min_losses = None if min_losses is None else [float(m) for m in min_losses]
-        self.epsilon = float(epsilon)
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
+        self.learning_rate = checked_number(
+            "learning_rate", learning_rate, low=0, low_open=True
+        )
+        self.gamma = checked_number("gamma", gamma, low=0)
+        self.min_losses = None
+        if min_losses is not None:
+            self.min_losses = [
+                checked_number(f"min_losses[{index}]", value)
+                for index, value in enumerate(min_losses)
+            ]
+        self.epsilon = checked_number("epsilon", epsilon, low=0)
+        self.beta_1 = checked_number("beta_1", beta_1, low=0, high=1, high_open=True)
+        self.beta_2 = checked_number("beta_2", beta_2, low=0, high=1, high_open=True)
 
     def build(self, task_names):
         super().build(task_names)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.random_state import RandomState
 
@@ -49,9 +50,7 @@ class GradDrop(RandomState, GradientWeighting):
 
     def __init__(self, leak=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= leak <= 1.0:
-            raise ValueError(f"`leak` must be in [0, 1]; received {leak}.")
-        self.leak = float(leak)
+        self.leak = checked_number("leak", leak, low=0, high=1)
         self.seed = seed
 
     def aggregate(self, jacobian, losses, training=True, present=None):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.adam import AdamMoments
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import linear_objective
@@ -69,8 +70,10 @@ class GradNorm(GradientWeighting):
 
     def __init__(self, alpha=1.5, learning_rate=0.025, wrt="parameters", **kwargs):
         super().__init__(wrt=wrt, **kwargs)
-        self.alpha = float(alpha)
-        self.learning_rate = float(learning_rate)
+        self.alpha = checked_number("alpha", alpha, low=0)
+        self.learning_rate = checked_number(
+            "learning_rate", learning_rate, low=0, low_open=True
+        )
 
     def build(self, task_names):
         super().build(task_names)

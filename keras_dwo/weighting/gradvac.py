@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.gram import combination
@@ -68,13 +69,11 @@ class GradVac(RandomState, GradientWeighting):
 
     def __init__(self, beta=0.5, granularity="whole", seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"`beta` must be in [0, 1]; received {beta}.")
         if granularity not in ("whole", "layer"):
             raise ValueError(
                 f"`granularity` must be 'whole' or 'layer'; received {granularity!r}."
             )
-        self.beta = float(beta)
+        self.beta = checked_number("beta", beta, low=0, high=1)
         self.granularity = granularity
         self.column_state = granularity == "layer"
         self.seed = seed

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.simplex import present_share
@@ -64,21 +65,11 @@ class MoCo(GradientWeighting):
         self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0, **kwargs
     ):
         super().__init__(**kwargs)
-        for name, value in (("beta", beta), ("gamma", gamma)):
-            if value <= 0.0:
-                raise ValueError(f"`{name}` must be positive; received {value}.")
-        for name, value in (
-            ("beta_sigma", beta_sigma),
-            ("gamma_sigma", gamma_sigma),
-            ("rho", rho),
-        ):
-            if value < 0.0:
-                raise ValueError(f"`{name}` must be >= 0; received {value}.")
-        self.beta = float(beta)
-        self.beta_sigma = float(beta_sigma)
-        self.gamma = float(gamma)
-        self.gamma_sigma = float(gamma_sigma)
-        self.rho = float(rho)
+        self.beta = checked_number("beta", beta, low=0, low_open=True)
+        self.beta_sigma = checked_number("beta_sigma", beta_sigma, low=0)
+        self.gamma = checked_number("gamma", gamma, low=0, low_open=True)
+        self.gamma_sigma = checked_number("gamma_sigma", gamma_sigma, low=0)
+        self.rho = checked_number("rho", rho, low=0)
 
     def build(self, task_names):
         super().build(task_names)

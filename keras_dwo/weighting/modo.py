@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.double_sampling import DoubleSampling
 from keras_dwo.weighting.simplex import project_to_simplex
 
@@ -39,12 +40,10 @@ class MoDo(DoubleSampling):
 
     def __init__(self, gamma=0.001, rho=0.1, **kwargs):
         super().__init__(**kwargs)
-        if gamma <= 0.0:
-            raise ValueError(f"`gamma` must be positive; received {gamma}.")
         if rho < 0.0:
             raise ValueError(f"`rho` must be >= 0; received {rho}.")
-        self.gamma = float(gamma)
-        self.rho = float(rho)
+        self.gamma = checked_number("gamma", gamma, low=0, low_open=True)
+        self.rho = checked_number("rho", rho, low=0)
 
     def step_weights(self, cross, weights, present):
         step = self.gamma * (ops.matmul(cross, weights) + self.rho * weights)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import GradientWeighting
 from keras_dwo.weighting.base import presence
 from keras_dwo.weighting.gram import finite_gram
@@ -116,7 +117,7 @@ class NashMTL(GradientWeighting):
                 f"`iterations` must be non-negative; received {iterations}."
             )
         self.update_every = int(update_every)
-        self.max_norm = float(max_norm)
+        self.max_norm = checked_number("max_norm", max_norm)
         self.iterations = int(iterations)
 
     def build(self, task_names):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import positive_presence
 
@@ -32,7 +33,7 @@ class ScaleInvariant(LossWeighting):
 
     def __init__(self, epsilon=1e-8, **kwargs):
         super().__init__(**kwargs)
-        self.epsilon = float(epsilon)
+        self.epsilon = checked_number("epsilon", epsilon, low=0)
 
     def call(self, losses, training=False, present=None):
         present = positive_presence(present, losses)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.double_sampling import DoubleSampling
 from keras_dwo.weighting.simplex import project_to_simplex
 
@@ -52,22 +53,16 @@ class SDMGrad(DoubleSampling):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if regularization < 0.0:
-            raise ValueError(
-                f"`regularization` must be >= 0; received {regularization}."
-            )
         if int(iterations) < 1:
             raise ValueError(f"`iterations` must be >= 1; received {iterations}.")
-        if learning_rate <= 0.0:
-            raise ValueError(
-                f"`learning_rate` must be positive; received {learning_rate}."
-            )
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1); received {momentum}.")
-        self.regularization = float(regularization)
+        self.regularization = checked_number("regularization", regularization, low=0)
         self.iterations = int(iterations)
-        self.learning_rate = float(learning_rate)
-        self.momentum = float(momentum)
+        self.learning_rate = checked_number(
+            "learning_rate", learning_rate, low=0, low_open=True
+        )
+        self.momentum = checked_number(
+            "momentum", momentum, low=0, high=1, high_open=True
+        )
 
     def step_weights(self, cross, weights, present):
         count = ops.maximum(ops.sum(present), 1.0)

@@ -3,6 +3,9 @@
 import keras
 from keras import ops
 
+from keras_dwo import tasks
+from keras_dwo.arguments import checked_number
+from keras_dwo.task_weights import validated_task_weights
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import linear_objective
 
@@ -17,7 +20,8 @@ class Static(LossWeighting):
     that callbacks such as `DynamicWeightAverage` set, apply on top.
 
     Args:
-        weights: Optional sequence of T non-negative floats, in task order.
+        weights: Optional T finite, non-negative floats: a sequence in task
+            order, or a dict keyed by task name.
         **kwargs: Passed to `LossWeighting`.
 
     Example:
@@ -30,16 +34,25 @@ class Static(LossWeighting):
 
     def __init__(self, weights=None, **kwargs):
         super().__init__(**kwargs)
-        self.fixed_weights = None if weights is None else [float(w) for w in weights]
+        self.fixed_weights = weights
+        if isinstance(weights, dict):
+            self.fixed_weights = {
+                str(name): checked_number(f"weights[{name!r}]", weight, low=0)
+                for name, weight in weights.items()
+            }
+        elif weights is not None:
+            self.fixed_weights = [
+                checked_number(f"weights[{index}]", weight, low=0)
+                for index, weight in enumerate(weights)
+            ]
+        self._weights_in_task_order = None
 
     def build(self, task_names):
         super().build(task_names)
-        if self.fixed_weights is not None and len(self.fixed_weights) != len(
-            task_names
-        ):
-            raise ValueError(
-                f"Static weighting got {len(self.fixed_weights)} weights for "
-                f"{len(task_names)} tasks {tuple(task_names)}."
+        if self.fixed_weights is not None:
+            self._weights_in_task_order = validated_task_weights(
+                tasks.by_name(self.fixed_weights, task_names, "weight", kind="task"),
+                task_names,
             )
 
     def call(self, losses, training=False, present=None):
@@ -47,7 +60,7 @@ class Static(LossWeighting):
         del present
         if self.fixed_weights is None:
             return ops.sum(losses), ops.ones_like(losses)
-        weights = ops.convert_to_tensor(self.fixed_weights, dtype=losses.dtype)
+        weights = ops.convert_to_tensor(self._weights_in_task_order, dtype=losses.dtype)
         return linear_objective(weights, losses)
 
     def get_config(self):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_dwo.arguments import checked_number
 from keras_dwo.weighting.base import LossWeighting
 from keras_dwo.weighting.base import positive_presence
 
@@ -56,8 +57,6 @@ class STCH(LossWeighting):
 
     def __init__(self, mu=1.0, warmup_steps=0, nadir_steps=1, epsilon=1e-8, **kwargs):
         super().__init__(**kwargs)
-        if not float(mu) > 0:
-            raise ValueError(f"`mu` must be positive; received {mu}.")
         if int(warmup_steps) < 0:
             raise ValueError(
                 f"`warmup_steps` must be non-negative; received {warmup_steps}."
@@ -66,10 +65,10 @@ class STCH(LossWeighting):
             raise ValueError(
                 f"`nadir_steps` must be at least 1; received {nadir_steps}."
             )
-        self.mu = float(mu)
+        self.mu = checked_number("mu", mu, low=0, low_open=True)
         self.warmup_steps = int(warmup_steps)
         self.nadir_steps = int(nadir_steps)
-        self.epsilon = float(epsilon)
+        self.epsilon = checked_number("epsilon", epsilon, low=0)
 
     def build(self, task_names):
         super().build(task_names)

@@ -3,6 +3,7 @@
 import keras
 
 from keras_dwo.layers.uncertainty_weighting import UncertaintyWeighting
+from keras_dwo.layers.uncertainty_weighting import checked_initial_log_variance
 from keras_dwo.weighting.base import LossWeighting
 
 
@@ -48,10 +49,12 @@ class Uncertainty(LossWeighting):
 
     def __init__(self, regression_tasks=None, initial_log_variance=0.0, **kwargs):
         super().__init__(**kwargs)
+        if isinstance(regression_tasks, str):
+            regression_tasks = [regression_tasks]
         self.regression_tasks = (
             None if regression_tasks is None else list(regression_tasks)
         )
-        self.initial_log_variance = float(initial_log_variance)
+        self.initial_log_variance = checked_initial_log_variance(initial_log_variance)
 
     def build(self, task_names):
         super().build(task_names)
