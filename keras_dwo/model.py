@@ -59,6 +59,28 @@ def _batch_size(x):
     return int(leaves[0].shape[0]) if leaves and leaves[0].shape else 0
 
 
+def _holds_no_samples(x):
+    """Whether `x` is known to be empty: arrays of no rows, or no batches.
+
+    Keras runs an epoch of an empty `PyDataset` or `tf.data.Dataset` without
+    an error on some backends and fails inside the epoch on others; a
+    generator's length cannot be known ahead.
+    """
+    if _is_arrays(x):
+        return _batch_size(x) == 0
+    if isinstance(x, keras.utils.PyDataset):
+        try:
+            return x.num_batches == 0
+        except NotImplementedError:
+            return False
+    module = type(x).__module__
+    if module.startswith("tensorflow") and callable(getattr(x, "cardinality", None)):
+        return int(x.cardinality()) == 0
+    if module.startswith("torch.utils.data") and hasattr(x, "__len__"):
+        return len(x) == 0
+    return False
+
+
 @keras.saving.register_keras_serializable(package="keras_dwo")
 class DynamicWeightedModel(Trainer, keras.Model):
     """A multi-task Keras model whose task losses are weighted while it trains.
@@ -445,6 +467,8 @@ class DynamicWeightedModel(Trainer, keras.Model):
         """
         if not self.compiled:
             raise ValueError("You must call `compile()` before using the model.")
+        if _holds_no_samples(x):
+            raise ValueError("The data holds no samples.")
         batch = None
         needs_plan = training and self.weighting.needs_task_gradients
         if self.output_keys is None or (
@@ -462,8 +486,6 @@ class DynamicWeightedModel(Trainer, keras.Model):
             if _batch_size(batch[0]) == 0:
                 raise ValueError("The data holds no samples.")
             self._discover_tasks(batch[0])
-        elif _is_arrays(x) and _batch_size(x) == 0:
-            raise ValueError("The data holds no samples.")
         if self.loss_functions is None:
             self._compile_tasks(*self._pending_compile)
         validated_task_weights(ops.convert_to_numpy(self.task_weights), self.task_names)

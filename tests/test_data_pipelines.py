@@ -120,3 +120,33 @@ def test_tf_data_with_dict_targets_trains_as_arrays_do(with_weights):
     elements = (x, y) if sample_weight is None else (x, y, sample_weight)
     dataset = tf.data.Dataset.from_tensor_slices(elements).batch(BATCH)
     assert_same_training(trained(dataset), from_arrays(x, y, sample_weight))
+
+
+def empty_data(kind):
+    x, y = two_task_data(SAMPLES)
+    x, y = x[:0], {task: target[:0] for task, target in y.items()}
+    if kind == "py_dataset":
+        return Batches(x, y)
+    if kind == "tf_data":
+        tf = pytest.importorskip("tensorflow")
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    if keras.backend.backend() != "torch":
+        pytest.skip("a torch DataLoader is data for the torch backend only")
+    import torch
+
+    dataset = torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(y["label"]))
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("kind", ["py_dataset", "tf_data", "torch_data_loader"])
+@pytest.mark.parametrize("call", ["fit", "evaluate"])
+def test_a_dataset_of_no_batches_is_an_error_that_changes_nothing(kind, call):
+    model = fresh_model()
+    x, y = two_task_data(SAMPLES)
+    model.fit(x, y, epochs=1, verbose=0)
+    before = variable_values(model.variables)
+    with pytest.raises(ValueError, match="The data holds no samples"):
+        getattr(model, call)(empty_data(kind), verbose=0)
+    for old, new in zip(before, variable_values(model.variables)):
+        np.testing.assert_array_equal(old, new)
+    assert np.isfinite(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
