@@ -124,7 +124,10 @@ class FunctionLoss(keras.losses.Loss):
 
 
 def _resolve_loss(identifier, task):
-    loss = keras.losses.get(identifier)
+    try:
+        loss = keras.losses.get(identifier)
+    except ValueError as error:
+        raise ValueError(f"The loss of task {task!r}: {error}") from None
     if loss is None:
         raise ValueError(f"Task {task!r} has no loss; received {identifier!r}.")
     if isinstance(loss, keras.losses.Loss):
