@@ -135,10 +135,12 @@ def make_plan(model, graph, wrt, shared=None, representation=None):
             "inputs. Name the shared layers with `shared=`."
         )
     else:
+        # Operations that are not layers (`x / 255`, `keras.ops.relu`) hold
+        # no variables.
         shared_variables = [
             variable
-            for layer in task_graph.shared_operations(graph[1]).values()
-            for variable in layer.weights
+            for operation in task_graph.shared_operations(graph[1]).values()
+            for variable in getattr(operation, "weights", ())
         ]
     shared_ids = {id(variable) for variable in shared_variables}
     shared_indices, other_indices = [], []

@@ -109,6 +109,45 @@ def test_shared_variables_come_from_the_graph_or_from_shared():
         two_task_model("equal", shared=["nope"])
 
 
+class TrunkWithOperations(keras_dwo.DynamicWeightedModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trunk = keras.layers.Dense(16, name="trunk")
+        self.label = keras.layers.Dense(3, activation="softmax", name="label")
+        self.value = keras.layers.Dense(1, name="value")
+
+    def call(self, x):
+        hidden = keras.ops.relu(self.trunk(x / 4.0))
+        return {"label": self.label(hidden), "value": self.value(hidden)}
+
+
+def functional_trunk_with_operations(weighting):
+    inputs = keras.Input(shape=(6,))
+    hidden = keras.ops.relu(keras.layers.Dense(16, name="trunk")(inputs / 4.0))
+    outputs = {
+        "label": keras.layers.Dense(3, activation="softmax", name="label")(hidden),
+        "value": keras.layers.Dense(1, name="value")(hidden),
+    }
+    return keras_dwo.DynamicWeightedModel(inputs, outputs, weighting=weighting)
+
+
+@pytest.mark.parametrize("form", ["functional", "subclassed"])
+def test_operations_that_are_not_layers_in_the_trunk_hold_no_variables(form):
+    x, y = two_task_data(64)
+    if form == "functional":
+        model = functional_trunk_with_operations("upgrad")
+    else:
+        model = TrunkWithOperations(weighting="upgrad")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=TWO_TASK_LOSSES)
+    history = model.fit(x, y, epochs=3, batch_size=16, verbose=0).history
+    plan = model.gradient_plan()
+    assert _variable_names(model, plan.shared_indices) == ["trunk", "trunk"]
+    assert set(_variable_names(model, plan.other_indices)) == {"label", "value"}
+    assert history["skipped_steps"] == [0.0, 0.0, 0.0]
+    for task in ("label", "value"):
+        assert history[f"{task}_loss"][-1] < history[f"{task}_loss"][0]
+
+
 def test_tasks_without_shared_variables_train_their_heads_with_a_warning():
     def separate_heads(weighting):
         inputs = keras.Input(shape=(6,))
