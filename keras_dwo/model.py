@@ -424,6 +424,10 @@ class DynamicWeightedModel(Trainer, keras.Model):
                     "not both."
                 )
             kwargs["weighted_metrics"] = kwargs.pop("metrics")
+        if self.output_keys is not None and not isinstance(self, Functional):
+            # What Keras reads to pair metrics with a subclassed model's list
+            # outputs by name, as it does for a functional model's.
+            self.output_names = list(self.output_keys)
         super().compile(optimizer=optimizer, loss=None, **kwargs)
         self._compile_config.config.update(loss=loss, loss_weights=loss_weights)
 

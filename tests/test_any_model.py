@@ -51,6 +51,24 @@ def test_a_subclassed_model_with_list_outputs_takes_task_names():
     assert len(model.gradient_plan().shared_indices) == 2
 
 
+def test_a_subclassed_model_with_list_outputs_takes_metrics_by_output_name():
+    x, y = two_task_data(64)
+    model = ListHeads(weighting="uncertainty")
+    model.compile(
+        optimizer="adam",
+        loss=["sparse_categorical_crossentropy", "mse"],
+        metrics={"value": ["mae"], "label": ["sparse_categorical_accuracy"]},
+    )
+    targets = [y["label"], y["value"]]
+    history = model.fit(x, targets, epochs=1, batch_size=64, verbose=0).history
+    assert {"label_sparse_categorical_accuracy", "value_mae"} <= set(history)
+    logs = model.evaluate(x, targets, batch_size=64, verbose=0, return_dict=True)
+    prediction = to_numpy(model.predict(x, batch_size=64, verbose=0)[1])
+    np.testing.assert_allclose(
+        logs["value_mae"], np.mean(np.abs(prediction - y["value"])), rtol=1e-5
+    )
+
+
 def test_a_subclassed_model_saves_loads_and_resumes(tmp_path):
     x, y = two_task_data(64)
     model = TwoHeads(units=8, weighting="uncertainty")
