@@ -161,6 +161,7 @@ NAN = float("nan")
         (lambda: weighting.CAGrad(c=NAN), "`c`"),
         (lambda: weighting.MoCo(beta=NAN), "beta"),
         (lambda: weighting.MoDo(gamma=NAN), "gamma"),
+        (lambda: weighting.MoDo(rho=-1.0), "rho"),
         (lambda: weighting.ExcessMTL(step_size=NAN), "step_size"),
         (lambda: weighting.NashMTL(max_norm=NAN), "max_norm"),
         (lambda: weighting.DBMTL(beta_sigma=NAN), "beta_sigma"),

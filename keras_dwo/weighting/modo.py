@@ -40,8 +40,6 @@ class MoDo(DoubleSampling):
 
     def __init__(self, gamma=0.001, rho=0.1, **kwargs):
         super().__init__(**kwargs)
-        if rho < 0.0:
-            raise ValueError(f"`rho` must be >= 0; received {rho}.")
         self.gamma = checked_number("gamma", gamma, low=0, low_open=True)
         self.rho = checked_number("rho", rho, low=0)
 

@@ -34,17 +34,17 @@ class Static(LossWeighting):
 
     def __init__(self, weights=None, **kwargs):
         super().__init__(**kwargs)
-        self.fixed_weights = weights
-        if isinstance(weights, dict):
-            self.fixed_weights = {
-                str(name): checked_number(f"weights[{name!r}]", weight, low=0)
-                for name, weight in weights.items()
+        self.fixed_weights = None
+        if weights is not None:
+            by_task = isinstance(weights, dict)
+            entries = weights.items() if by_task else enumerate(weights)
+            checked = {
+                str(key) if by_task else key: checked_number(
+                    f"weights[{key!r}]", weight, low=0
+                )
+                for key, weight in entries
             }
-        elif weights is not None:
-            self.fixed_weights = [
-                checked_number(f"weights[{index}]", weight, low=0)
-                for index, weight in enumerate(weights)
-            ]
+            self.fixed_weights = checked if by_task else list(checked.values())
         self._weights_in_task_order = None
 
     def build(self, task_names):
