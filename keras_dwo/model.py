@@ -1,5 +1,6 @@
 """DynamicWeightedModel: a multi-task Keras model with dynamic loss weighting."""
 
+import contextlib
 import inspect
 import warnings
 
@@ -290,8 +291,28 @@ class DynamicWeightedModel(Trainer, keras.Model):
     def _has_task_state(self):
         return getattr(self, "task_tracker", None) is not None
 
+    @contextlib.contextmanager
+    def _state_unlocked(self):
+        """Lets the task state change after a subclassed model was built.
+
+        Keras locks a subclassed model's state once it is built (called on
+        data, `build`, `summary`), but its tasks are known only at `compile`
+        or at its first batch.
+        """
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            yield
+        finally:
+            if locked:
+                self._tracker.lock()
+
     def _drop_task_state(self):
         """Removes the state made for one task per output, before loss terms."""
+        with self._state_unlocked():
+            self._drop_task_state_unlocked()
+
+    def _drop_task_state_unlocked(self):
         self._tracker.untrack(self.task_tracker)
         del self.task_tracker
         del self.task_weights
@@ -310,13 +331,14 @@ class DynamicWeightedModel(Trainer, keras.Model):
         self.task_names = task_names
         self.weighting.build(task_names)
         num_tasks = len(task_names)
-        self.task_weights = keras.Variable(
-            ops.ones((num_tasks,)), trainable=False, name="task_weights"
-        )
-        self.task_loss_history = keras.Variable(
-            ops.zeros((2, num_tasks)), trainable=False, name="task_loss_history"
-        )
-        self.task_tracker = TaskTracker(task_names)
+        with self._state_unlocked():
+            self.task_weights = keras.Variable(
+                ops.ones((num_tasks,)), trainable=False, name="task_weights"
+            )
+            self.task_loss_history = keras.Variable(
+                ops.zeros((2, num_tasks)), trainable=False, name="task_loss_history"
+            )
+            self.task_tracker = TaskTracker(task_names)
 
     @property
     def _dict_outputs(self):
@@ -456,10 +478,19 @@ class DynamicWeightedModel(Trainer, keras.Model):
         return config
 
     def build_from_config(self, config):
+        config = dict(config)
         # Files written by keras-dwo 0.1 name the outputs "task_names".
-        output_keys = config.get("output_names") or config.get("task_names")
+        output_keys = config.pop("output_names", None) or config.pop("task_names", None)
+        shapes = config.get("shapes_dict")
+        if isinstance(shapes, dict) and "output_names" in shapes:
+            # keras-dwo 0.1 re-saved a loaded subclassed model with its
+            # output names among the input shapes (Keras keeps the whole
+            # build config it was built from).
+            output_keys = output_keys or shapes["output_names"]
+            config = {"input_shape": shapes["input_shape"]}
         if output_keys:
             self._set_outputs(output_keys)
+        # Only the input shapes: Keras keeps this config, and saves it again.
         super().build_from_config(config)
 
     def _prepare(self, x, y, sample_weight, training):

@@ -84,6 +84,84 @@ def test_a_subclassed_model_saves_loads_and_resumes(tmp_path):
     np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("build", ["call", "build", "call_after_compile"])
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_a_subclassed_model_built_before_its_tasks_are_known_trains(build, method):
+    # Keras locks a subclassed model's state once it is built; its tasks are
+    # known only at `compile` (a dict of losses) or at the first batch.
+    x, y = two_task_data(64)
+    model = TwoHeads(units=8, weighting=method)
+    loss = TWO_TASK_LOSSES
+    if build == "call":
+        model(x[:2])
+    elif build == "build":
+        model.build((None, x.shape[1]))
+    else:
+        # One loss for every output: the tasks are read from the first batch.
+        loss = "mse"
+        y = {"label": y["value"], "value": y["value"]}
+        model.compile(optimizer="adam", loss=loss)
+        model(x[:2])
+    model.compile(optimizer="adam", loss=loss)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history
+    assert model.task_names == ("label", "value")
+    assert history["value_loss"][-1] < history["value_loss"][0]
+    assert {id(v) for v in model.weights} >= {id(model.task_weights)}
+
+
+def test_a_loaded_subclassed_model_saves_again_and_resumes(tmp_path):
+    x, y = two_task_data(64)
+    model = TwoHeads(units=8, weighting="uncertainty")
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "first.keras")
+    loaded = keras.models.load_model(tmp_path / "first.keras")
+    loaded.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    # Keras keeps the build config a model was loaded with, and saves it.
+    assert set(loaded.get_build_config()) == {"input_shape", "output_names"}
+    loaded.save(tmp_path / "second.keras")
+    again = keras.models.load_model(tmp_path / "second.keras")
+    state = loaded.weights + loaded.optimizer.variables
+    for original, restored in zip(state, again.weights + again.optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(original), to_numpy(restored))
+    resumed = again.fit(x, y, epochs=1, shuffle=False, verbose=0).history
+    straight = loaded.fit(x, y, epochs=1, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
+
+
+def test_a_file_resaved_with_output_names_among_the_shapes_loads(tmp_path):
+    # keras-dwo 0.1 wrote a loaded subclassed model's output names into the
+    # input shapes of its build config when it saved it again.
+    import json
+    import zipfile
+
+    x, y = two_task_data(64)
+    model = TwoHeads(units=8, weighting="uncertainty")
+    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    build = config["build_config"]
+    config["build_config"] = {"shapes_dict": dict(build), **build}
+    del config["build_config"]["input_shape"]
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "resaved.keras", "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    loaded = keras.models.load_model(tmp_path / "resaved.keras")
+    assert loaded.task_names == ("label", "value")
+    for original, restored in zip(
+        model.optimizer.variables, loaded.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(to_numpy(original), to_numpy(restored))
+    assert loaded.get_build_config() == {
+        "input_shape": build["input_shape"],
+        "output_names": ["label", "value"],
+    }
+
+
 def test_from_model_traces_a_subclassed_model_with_a_sequential_trunk(tmp_path):
     class Plain(keras.Model):
         def __init__(self):
