@@ -11,6 +11,7 @@ from keras_dwo.gradient_plan import layer_sizes
 from keras_dwo.model import DynamicWeightedModel
 from keras_dwo.task_weights import validated_task_weights
 from keras_dwo.task_weights import weights_and_values_are_finite
+from keras_dwo.trainers.scope import get_stateless_scope
 from keras_dwo.weighting.base import check_unclaimed
 
 
@@ -75,6 +76,11 @@ class TaskBalancer(keras.layers.Layer):
     def __init__(self, weighting, task_names, loss_weights=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if isinstance(task_names, str) or len(task_names) < 2:
+            raise ValueError(
+                "A TaskBalancer balances two or more tasks; received "
+                f"task_names={task_names!r}. A single loss needs no balancer."
+            )
         self.task_names = tasks.checked_task_names(task_names)
         method = weighting_module.get(weighting)
         check_unclaimed(method, "balancer")
@@ -88,6 +94,7 @@ class TaskBalancer(keras.layers.Layer):
                 ),
                 self.task_names,
             )
+        self.loss_weights = None if loss_weights is None else list(initial)
         self.task_weights = self.add_weight(
             shape=(len(self.task_names),),
             initializer=keras.initializers.Constant(initial),
@@ -100,7 +107,17 @@ class TaskBalancer(keras.layers.Layer):
         """Returns a dict, sequence or vector of task losses as a `(T,)` vector."""
         if isinstance(losses, (dict, list, tuple)):
             values = tasks.by_name(losses, self.task_names, "loss", kind="task")
-            return ops.stack([ops.cast(ops.sum(value), "float32") for value in values])
+            values = [ops.convert_to_tensor(value) for value in values]
+            for name, value in zip(self.task_names, values):
+                shape = tuple(ops.shape(value))
+                if any(size != 1 for size in shape):
+                    raise ValueError(
+                        f"The loss of task {name!r} is not a scalar: its shape "
+                        f"is {shape}. Reduce it (a mean over the batch) first."
+                    )
+            return ops.stack(
+                [ops.cast(ops.reshape(value, ()), "float32") for value in values]
+            )
         losses = ops.cast(losses, "float32")
         if tuple(losses.shape) != (len(self.task_names),):
             raise ValueError(
@@ -120,7 +137,30 @@ class TaskBalancer(keras.layers.Layer):
         Returns:
             The scalar objective and its derivative with respect to each
             unweighted task loss (the effective weights).
+
+        Raises:
+            ValueError: For a gradient-level method, which weighs gradients
+                rather than losses, or a method that updates its weights
+                from the losses after the step (FAMO): use `apply`.
         """
+        self._check_loss_level("objective")
+        return self._objective(task_losses, training, present)
+
+    def _check_loss_level(self, caller):
+        method = self.method
+        if method.needs_task_gradients or method.updates_after_step:
+            what = (
+                "combines per-task gradients"
+                if method.needs_task_gradients
+                else "updates its weights from the losses after each step"
+            )
+            raise ValueError(
+                f"`{caller}` gives a loss-level method's objective, but "
+                f"{type(method).__name__} {what}: take the step with `apply` "
+                "(or `stateless_apply`)."
+            )
+
+    def _objective(self, task_losses, training=True, present=None):
         task_weights = ops.convert_to_tensor(self.task_weights)
         presence = {} if present is None else {"present": present}
         objective, weights = self.method.call(
@@ -270,6 +310,12 @@ class TaskBalancer(keras.layers.Layer):
 
     def _step(self, optimizer, loss_fn, variables, run_if):
         """The step of `apply`; `run_if(condition, function)` guards its updates."""
+        if not variables:
+            raise ValueError(
+                "`variables` is empty: there is nothing to train. A model "
+                "that builds its layers at its first call has no variables "
+                "before it: call it on a batch first."
+            )
         method = self.method
         self.build_columns(variables)
         task_weights = ops.convert_to_tensor(self.task_weights)
@@ -280,7 +326,7 @@ class TaskBalancer(keras.layers.Layer):
 
             def weighted_losses():
                 losses = self.task_losses(loss_fn())
-                return task_weights * losses, losses
+                return optimizer.scale_loss(task_weights * losses), losses
 
             _, losses, rows = trainers.value_and_jacobian(weighted_losses, trained)
             losses = ops.stop_gradient(losses)
@@ -291,19 +337,27 @@ class TaskBalancer(keras.layers.Layer):
 
             def weighted_objective():
                 losses = self.task_losses(loss_fn())
-                objective, weights = self.objective(losses)
-                return ops.reshape(objective, (1,)), (losses, weights)
+                objective, weights = self._objective(losses)
+                scaled = optimizer.scale_loss(objective)
+                return ops.reshape(scaled, (1,)), (objective, losses, weights)
 
-            objective, (losses, weights), rows = trainers.value_and_jacobian(
-                weighted_objective, trained, state
+            _, (objective, losses, weights), rows = trainers.value_and_jacobian(
+                weighted_objective, trained
             )
-            objective = ops.stop_gradient(objective[0])
+            objective = ops.stop_gradient(objective)
             losses = ops.stop_gradient(losses)
             gradients = [row[0] for row in rows]
         finite = weights_and_values_are_finite(
             task_weights, [losses, objective, *gradients, *[v.value for v in state]]
         )
-        run_if(finite, lambda: optimizer.apply(gradients, trained))
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # As in `fit`: the optimizer gets the non-finite gradients, skips
+            # the update itself and lowers its loss scale.
+            nan = float("nan")
+            gradients = [ops.where(finite, g, nan) for g in gradients]
+            _apply_statelessly_on_jax(optimizer, gradients, trained)
+        else:
+            run_if(finite, lambda: optimizer.apply(gradients, trained))
         keep_state = finite
         if method.updates_after_step:
 
@@ -329,7 +383,37 @@ class TaskBalancer(keras.layers.Layer):
             **super().get_config(),
             "weighting": keras.saving.serialize_keras_object(self.method),
             "task_names": list(self.task_names),
+            "loss_weights": self.loss_weights,
         }
+
+
+def _apply_statelessly_on_jax(optimizer, gradients, variables):
+    """`optimizer.apply`; on JAX, a `LossScaleOptimizer`'s stateless update.
+
+    Keras's `LossScaleOptimizer` updates JAX variables only through
+    `stateless_apply` (its `apply` leaks tracers from a conditional), so on
+    JAX it updates the values of the enclosing `keras.StatelessScope`.
+    """
+    if keras.backend.backend() != "jax":
+        optimizer.apply(gradients, variables)
+        return
+    scope = get_stateless_scope()
+    if scope is None:
+        raise ValueError(
+            "On JAX, Keras's LossScaleOptimizer (mixed precision) has no "
+            "stateful update: use `stateless_apply`, as Keras's own JAX "
+            "`train_step` does."
+        )
+    new_variables, new_optimizer_variables = optimizer.stateless_apply(
+        [scope.get_current_value(v) for v in optimizer.variables],
+        gradients,
+        [scope.get_current_value(v) for v in variables],
+    )
+    for variable, value in zip(
+        [*variables, *optimizer.variables],
+        [*new_variables, *new_optimizer_variables],
+    ):
+        variable.assign(value)
 
 
 def _always(condition, function):

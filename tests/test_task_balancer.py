@@ -133,8 +133,9 @@ def test_loss_weights_scale_the_tasks():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="at least two tasks"):
-        keras_dwo.TaskBalancer("equal", ["only"])
+    for names in (["only"], "ab"):
+        with pytest.raises(ValueError, match="two or more tasks"):
+            keras_dwo.TaskBalancer("equal", names)
     balancer = keras_dwo.TaskBalancer("equal", ["a", "b"])
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['c'\]"):
         balancer.objective({"a": 1.0, "b": 1.0, "c": 1.0})
@@ -146,6 +147,145 @@ def test_bad_input_is_named():
     keras_dwo.TaskBalancer(method, ["a", "b"])
     with pytest.raises(ValueError, match="its own instance"):
         keras_dwo.TaskBalancer(method, ["a", "b"])
+
+
+def test_misuse_is_refused_by_name():
+    balancer = keras_dwo.TaskBalancer("equal", ["a", "b"])
+    per_sample = keras.ops.ones((8,))
+    with pytest.raises(ValueError, match="'a' is not a scalar"):
+        balancer.objective({"a": per_sample, "b": 1.0})
+    optimizer = keras.optimizers.SGD(0.1)
+    with pytest.raises(ValueError, match="`variables` is empty"):
+        balancer.apply(optimizer, lambda: {"a": 1.0, "b": 1.0}, [])
+    for method in ("upgrad", "famo"):
+        with pytest.raises(ValueError, match="take the step with `apply`"):
+            keras_dwo.TaskBalancer(method, ["a", "b"]).objective([1.0, 1.0])
+
+
+def test_the_config_keeps_the_loss_weights():
+    balancer = keras_dwo.TaskBalancer("uncertainty", ["a", "b"], loss_weights=[2, 0.5])
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(balancer)
+    )
+    np.testing.assert_array_equal(to_numpy(clone.task_weights), [2.0, 0.5])
+    plain = keras_dwo.TaskBalancer.from_config(
+        keras_dwo.TaskBalancer("equal", ["a", "b"]).get_config()
+    )
+    np.testing.assert_array_equal(to_numpy(plain.task_weights), [1.0, 1.0])
+
+
+def _normalized_network():
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential(
+        [
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(2),
+        ]
+    )
+    return network
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_the_forward_pass_updates_its_statistics(method):
+    # The moving statistics of batch normalization and the seed of dropout
+    # are assigned by the forward pass of `loss_fn`.
+    x, y = regression_data()
+    network = _normalized_network()
+    network(x)
+    batch_norm, dropout = network.layers[1], network.layers[2]
+    balancer = keras_dwo.TaskBalancer(method, ["first", "second"])
+    optimizer = keras.optimizers.SGD(0.0)
+    targets = keras.ops.convert_to_tensor(y)
+
+    def losses():
+        return keras.ops.mean((network(x, training=True) - targets) ** 2, axis=0)
+
+    mean = to_numpy(batch_norm.moving_mean).copy()
+    seed = to_numpy(dropout.seed_generator.state).copy()
+    if BACKEND == "jax":
+        # Uncertainty weighting trains its log-variances with the network.
+        optimizer.build(network.trainable_variables + balancer.trainable_variables)
+        balancer.build_columns(network.trainable_variables)
+        state = network.variables + optimizer.variables + balancer.variables
+        _, values = balancer.stateless_apply(
+            optimizer,
+            losses,
+            network.trainable_variables,
+            [(v, v.value) for v in state],
+        )
+        for variable, value in zip(state, values):
+            variable.assign(value)
+    else:
+        balancer.apply(optimizer, losses, network.trainable_variables)
+    assert not np.allclose(to_numpy(batch_norm.moving_mean), mean)
+    if BACKEND != "torch":
+        # Keras's torch dropout draws from torch's own generator.
+        assert not np.array_equal(to_numpy(dropout.seed_generator.state), seed)
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_a_loss_scale_optimizer_takes_its_inner_optimizers_steps(method):
+    # Mixed precision wraps the optimizer in a LossScaleOptimizer, which
+    # divides the gradients by its loss scale: the losses are scaled first.
+    x, y = regression_data()
+    trained = []
+    for optimizer in (
+        keras.optimizers.SGD(0.05),
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05)),
+    ):
+        keras.utils.set_random_seed(0)
+        model = Balanced(method)
+        model(x)
+        model.compile(optimizer=optimizer)
+        initial = variable_values(model.network_variables())
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        trained.append(variable_values(model.network_variables()))
+    assert not np.allclose(trained[1][0], initial[0])
+    for plain, scaled in zip(*trained):
+        np.testing.assert_allclose(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax",
+    reason="Keras's LossScaleOptimizer has no stateful update on JAX; the "
+    "step there is stateless_apply (previous test), and apply says so.",
+)
+def test_a_non_finite_step_lowers_the_loss_scale():
+    x, y = regression_data()
+    network = _normalized_network()
+    network(x)
+    balancer = keras_dwo.TaskBalancer("upgrad", ["first", "second"])
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build(network.trainable_variables)
+    before = variable_values(network.trainable_variables)
+    scale = float(to_numpy(optimizer.dynamic_scale))
+    logs = balancer.apply(
+        optimizer,
+        lambda: {"first": float("inf"), "second": keras.ops.sum(network(x))},
+        network.trainable_variables,
+    )
+    assert not bool(to_numpy(logs["applied"]))
+    assert float(to_numpy(optimizer.dynamic_scale)) == scale / 2
+    for old, new in zip(before, variable_values(network.trainable_variables)):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_apply_with_a_loss_scale_optimizer_on_jax_says_what_to_use():
+    if BACKEND != "jax":
+        pytest.skip("Only JAX's LossScaleOptimizer lacks a stateful update.")
+    x, _ = regression_data()
+    network = _normalized_network()
+    network(x)
+    balancer = keras_dwo.TaskBalancer("equal", ["first", "second"])
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="use `stateless_apply`"):
+        balancer.apply(
+            optimizer,
+            lambda: keras.ops.mean(network(x), axis=0),
+            network.trainable_variables,
+        )
 
 
 class Balanced(keras.Model):

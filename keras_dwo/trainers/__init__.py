@@ -8,12 +8,11 @@ These serve `keras_dwo.TaskBalancer`,
 `DynamicWeightedModel.task_gradients` and the solvers of
 `keras_dwo.weighting.min_norm`, one implementation per backend:
 
-- `value_and_jacobian(function, variables, state=())` runs `function`, which
+- `value_and_jacobian(function, variables)` runs `function`, which
   takes nothing and returns `(vector, aux)` (a `(T,)` tensor and anything
   else), and returns `(vector, aux, rows)`, where `rows[i]` is the
-  `(T, ...)` Jacobian of the vector with respect to `variables[i]`.
-  `state` lists variables that `function` may assign; they keep the values
-  it assigned.
+  `(T, ...)` Jacobian of the vector with respect to `variables[i]`. The
+  variables that `function` assigns keep the values it assigned.
 - `run_if(condition, function)` runs `function()` if the scalar boolean
   tensor `condition` is true.
 - `runs_under_xla()`: whether the ops built now run in one XLA

@@ -60,30 +60,47 @@ def runs_under_xla():
     return True
 
 
-def value_and_jacobian(function, variables, state=()):
+class _AssignmentsScope(keras.StatelessScope):
+    """A `keras.StatelessScope` that lists the variables assigned in it."""
+
+    def __init__(self, state_mapping):
+        super().__init__()
+        self.state_mapping = state_mapping
+        self.assigned = {}
+
+    def add_update(self, update):
+        variable, _ = update
+        self.assigned[id(variable)] = variable
+        super().add_update(update)
+
+
+def value_and_jacobian(function, variables):
     """`value_and_jacobian` (see `keras_dwo.trainers`) by one pullback per entry.
 
     The variables are read through a `keras.StatelessScope`, which keeps
     the values of an enclosing one (`TaskBalancer.stateless_apply`'s, under
     `jax.jit`); without one it runs eagerly, as stateful Keras code does on
-    JAX. The new values of `state` are assigned after `function` ran.
+    JAX. The variables that `function` assigns (a method's state, a batch
+    normalization's statistics, a dropout's seed) are assigned their new
+    values after it ran, as on the other backends.
     """
-    state = list(state)
+    differentiated = {id(variable) for variable in variables}
+    assigned = []
 
     def run(values):
-        scope = keras.StatelessScope()
-        scope.state_mapping = nested_mapping(
-            list(zip(variables, values)) + [(v, v.value) for v in state]
-        )
+        scope = _AssignmentsScope(nested_mapping(list(zip(variables, values))))
         with scope:
             vector, aux = function()
-        return vector, (aux, [scope.get_current_value(v) for v in state])
+        assigned.extend(
+            v for key, v in scope.assigned.items() if key not in differentiated
+        )
+        return vector, (aux, [scope.get_current_value(v) for v in assigned])
 
-    vector, pullback, (aux, new_state) = jax.vjp(
+    vector, pullback, (aux, new_values) = jax.vjp(
         run, [v.value for v in variables], has_aux=True
     )
     (rows,) = _pull_back_each_task(pullback, vector.shape[0], lambda row: row)
-    for variable, value in zip(state, new_state):
+    for variable, value in zip(assigned, new_values):
         variable.assign(value)
     return vector, aux, list(rows)
 

@@ -73,9 +73,8 @@ def runs_under_xla():
     )
 
 
-def value_and_jacobian(function, variables, state=()):
+def value_and_jacobian(function, variables):
     """`value_and_jacobian` (see `keras_dwo.trainers`) under a persistent tape."""
-    del state
     with tf.GradientTape(persistent=True) as tape:
         vector, aux = function()
         # Sliced under the tape, so that each slice has a recorded path.

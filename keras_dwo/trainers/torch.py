@@ -46,14 +46,13 @@ def runs_under_xla():
     return False
 
 
-def value_and_jacobian(function, variables, state=()):
+def value_and_jacobian(function, variables):
     """`value_and_jacobian` (see `keras_dwo.trainers`) by one backward per entry.
 
     Within a `keras.StatelessScope`, the variables' values there are the
     sources: they are made leaves that require gradients while `function`
     runs.
     """
-    del state
     scope = get_stateless_scope()
     if scope is None:
         vector, aux = function()
