@@ -69,11 +69,16 @@ def test_a_subclassed_model_with_list_outputs_takes_metrics_by_output_name():
     )
 
 
-def test_a_subclassed_model_saves_loads_and_resumes(tmp_path):
-    x, y = two_task_data(64)
+def _trained_two_heads(x, y, epochs):
     model = TwoHeads(units=8, weighting="uncertainty")
     model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
-    model.fit(x, y, epochs=2, verbose=0)
+    model.fit(x, y, epochs=epochs, verbose=0)
+    return model
+
+
+def test_a_subclassed_model_saves_loads_and_resumes(tmp_path):
+    x, y = two_task_data(64)
+    model = _trained_two_heads(x, y, epochs=2)
     model.save(tmp_path / "two_heads.keras")
     loaded = keras.models.load_model(tmp_path / "two_heads.keras")
     assert isinstance(loaded, TwoHeads) and loaded.task_names == model.task_names
@@ -111,9 +116,7 @@ def test_a_subclassed_model_built_before_its_tasks_are_known_trains(build, metho
 
 def test_a_loaded_subclassed_model_saves_again_and_resumes(tmp_path):
     x, y = two_task_data(64)
-    model = TwoHeads(units=8, weighting="uncertainty")
-    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
-    model.fit(x, y, epochs=1, verbose=0)
+    model = _trained_two_heads(x, y, epochs=1)
     model.save(tmp_path / "first.keras")
     loaded = keras.models.load_model(tmp_path / "first.keras")
     loaded.fit(x, y, epochs=1, shuffle=False, verbose=0)
@@ -136,9 +139,7 @@ def test_a_file_resaved_with_output_names_among_the_shapes_loads(tmp_path):
     import zipfile
 
     x, y = two_task_data(64)
-    model = TwoHeads(units=8, weighting="uncertainty")
-    model.compile(optimizer="adam", loss=TWO_TASK_LOSSES)
-    model.fit(x, y, epochs=1, verbose=0)
+    model = _trained_two_heads(x, y, epochs=1)
     model.save(tmp_path / "model.keras")
     with zipfile.ZipFile(tmp_path / "model.keras") as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
