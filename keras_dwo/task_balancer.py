@@ -257,6 +257,9 @@ class TaskBalancer(keras.layers.Layer):
                 "`stateless_apply` needs a built optimizer: call "
                 "`optimizer.build(variables)` first."
             )
+        # The state a method keeps per parameter is made here, so that the
+        # mapping is checked for it too.
+        self.build_columns(variables)
         trained = self._trained_variables(variables)
         mapped = {id(variable) for variable, _ in state_mapping}
         missing = [
@@ -265,10 +268,17 @@ class TaskBalancer(keras.layers.Layer):
             if id(variable) not in mapped
         ]
         if missing:
+            per_parameter = ""
+            if self.method.column_state:
+                per_parameter = (
+                    f" {type(self.method).__name__} keeps state per parameter: "
+                    "call `balancer.build_columns(variables)` before making "
+                    "the mapping."
+                )
             raise ValueError(
                 f"`state_mapping` has no value for the variable(s) {missing}; "
                 "map the trained variables, the optimizer's and the "
-                "balancer's."
+                f"balancer's.{per_parameter}"
             )
         guarded = {id(variable) for variable in [*trained, *optimizer.variables]}
         # Keras's torch optimizers update values in place, even in a

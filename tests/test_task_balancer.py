@@ -468,6 +468,13 @@ def test_stateless_apply_names_what_is_missing():
         model.balancer.stateless_apply(
             keras.optimizers.SGD(0.1), model.losses_of(x, y), variables, mapping
         )
+    # MoCo's state per parameter, made at the first step, must be mapped too.
+    balancer = keras_dwo.TaskBalancer("moco", ["first", "second"])
+    mapping += [(v, v.value) for v in balancer.variables]
+    with pytest.raises(ValueError, match=r"build_columns\(variables\)"):
+        balancer.stateless_apply(
+            model.optimizer, model.losses_of(x, y), variables, mapping
+        )
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow backend's error")
