@@ -143,10 +143,6 @@ class TaskBalancer(keras.layers.Layer):
                 rather than losses, or a method that updates its weights
                 from the losses after the step (FAMO): use `apply`.
         """
-        self._check_loss_level("objective")
-        return self._objective(task_losses, training, present)
-
-    def _check_loss_level(self, caller):
         method = self.method
         if method.needs_task_gradients or method.updates_after_step:
             what = (
@@ -155,10 +151,11 @@ class TaskBalancer(keras.layers.Layer):
                 else "updates its weights from the losses after each step"
             )
             raise ValueError(
-                f"`{caller}` gives a loss-level method's objective, but "
+                "`objective` gives a loss-level method's objective, but "
                 f"{type(method).__name__} {what}: take the step with `apply` "
                 "(or `stateless_apply`)."
             )
+        return self._objective(task_losses, training, present)
 
     def _objective(self, task_losses, training=True, present=None):
         task_weights = ops.convert_to_tensor(self.task_weights)
@@ -365,7 +362,7 @@ class TaskBalancer(keras.layers.Layer):
             # the update itself and lowers its loss scale.
             nan = float("nan")
             gradients = [ops.where(finite, g, nan) for g in gradients]
-            _apply_statelessly_on_jax(optimizer, gradients, trained)
+            _apply_loss_scale_optimizer(optimizer, gradients, trained)
         else:
             run_if(finite, lambda: optimizer.apply(gradients, trained))
         keep_state = finite
@@ -397,8 +394,8 @@ class TaskBalancer(keras.layers.Layer):
         }
 
 
-def _apply_statelessly_on_jax(optimizer, gradients, variables):
-    """`optimizer.apply`; on JAX, a `LossScaleOptimizer`'s stateless update.
+def _apply_loss_scale_optimizer(optimizer, gradients, variables):
+    """`optimizer.apply` of a `LossScaleOptimizer`; on JAX, its stateless update.
 
     Keras's `LossScaleOptimizer` updates JAX variables only through
     `stateless_apply` (its `apply` leaks tracers from a conditional), so on
